@@ -1,0 +1,199 @@
+"""Quantization configurations: one option per target matrix, their cost, encoding and JSON files (SPEC §2.4).
+
+:class:`ConfigSpace` binds configurations to one backbone's target matrices; everything that needs the
+matrices' sizes (avg bits, validation, the search's integer encoding) goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coalora.backbone import TargetMatrix, resolve_model_path
+from coalora.errors import CoaloraError
+from coalora.options import DTYPE_BITS, FIELD_CHOICES, FIELD_NAMES, FIELD_SIZES, OPTION_SPACE, QuantOption
+
+FORMAT = "coalora.qconfig/1"
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """A quantization configuration: module name -> option, in the backbone's target order."""
+
+    matrices: Mapping[str, QuantOption]
+    model: str = ""
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.matrices.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QConfig) and tuple(self.matrices.items()) == tuple(other.matrices.items())
+
+    def to_json(self, avg_bits: float | None = None) -> dict:
+        data: dict = {"format": FORMAT, "model": self.model}
+        if avg_bits is not None:
+            data["avg_bits"] = round(avg_bits, 6)
+        data["matrices"] = {name: option.to_dict() for name, option in self.matrices.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "qconfig") -> QConfig:
+        if not isinstance(data, dict):
+            raise CoaloraError(f"{where} must be a JSON object with 'format', 'model' and 'matrices'")
+        if data.get("format") != FORMAT:
+            raise CoaloraError(f"{where} has format {data.get('format')!r}; expected '{FORMAT}'")
+        unknown = sorted(set(data) - {"format", "model", "avg_bits", "matrices"})
+        if unknown:
+            raise CoaloraError(
+                f"{where} has unknown key(s) {unknown}; allowed: format, model, avg_bits, matrices"
+            )
+        matrices = data.get("matrices")
+        if not isinstance(matrices, dict) or not matrices:
+            raise CoaloraError(f"{where} needs a non-empty 'matrices' object mapping module names to options")
+        options = {
+            name: QuantOption.from_dict(opt, where=f"{where}: matrix '{name}'")
+            for name, opt in matrices.items()
+        }
+        return cls(matrices=options, model=str(data.get("model", "")))
+
+    def save(self, path: str | os.PathLike, avg_bits: float | None = None) -> None:
+        """Write atomically, so a failed write never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(avg_bits), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise CoaloraError(
+                f"qconfig file '{path}' does not exist; write one with `coalora allocate --out`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CoaloraError(
+                f"qconfig file '{path}' is not valid JSON ({err.msg} at line {err.lineno})"
+            ) from None
+        return cls.from_json(data, where=f"qconfig '{path}'")
+
+
+def _same_model(a: str, b: str) -> bool:
+    if not a or not b:
+        return True
+    return a == b or resolve_model_path(a) == resolve_model_path(b)
+
+
+class ConfigSpace:
+    """All configurations of one backbone: cost, validation and the (N, 5) integer encoding."""
+
+    def __init__(self, targets: Iterable[TargetMatrix], model: str = "") -> None:
+        self.targets = list(targets)
+        self.model = model
+        self.names = [t.name for t in self.targets]
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self.numel = torch.tensor([t.numel for t in self.targets], dtype=torch.float64)
+        self.total_numel = int(self.numel.sum())
+        #: storage bits of every option, in OPTION_SPACE order
+        self.option_bits = torch.tensor([o.storage_bits for o in OPTION_SPACE], dtype=torch.float64)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def dim(self) -> int:
+        """Length of the flat encoding: 5 option indices per matrix."""
+        return len(self) * len(FIELD_NAMES)
+
+    # -- construction -------------------------------------------------------------------------------
+    def make(self, options: Iterable[QuantOption]) -> QConfig:
+        options = list(options)
+        if len(options) != len(self):
+            raise CoaloraError(f"got {len(options)} options for {len(self)} target matrices")
+        return QConfig(dict(zip(self.names, options, strict=True)), model=self.model)
+
+    def uniform(self, option: QuantOption) -> QConfig:
+        return self.make([option] * len(self))
+
+    def random(self, generator: torch.Generator | None = None) -> QConfig:
+        picks = torch.randint(len(OPTION_SPACE), (len(self),), generator=generator)
+        return self.make(OPTION_SPACE[int(i)] for i in picks)
+
+    # -- cost -----------------------------------------------------------------------------------------
+    def avg_bits(self, config: QConfig) -> float:
+        """Parameter-weighted mean storage bits over the target matrices (SPEC §2.2)."""
+        bits = torch.tensor([config.matrices[n].storage_bits for n in self.names], dtype=torch.float64)
+        return float((bits * self.numel).sum() / self.numel.sum())
+
+    def avg_bits_encoded(self, encoded: torch.Tensor) -> torch.Tensor:
+        """avg_bits of a batch of encodings (..., N, 5) of integer option indices."""
+        bits = _storage_bits_from_indices(encoded.long())
+        return (bits * self.numel.to(bits)).sum(-1) / self.total_numel
+
+    # -- validation ------------------------------------------------------------------------------------
+    def validate(self, config: QConfig, where: str = "qconfig") -> QConfig:
+        """Check that ``config`` covers exactly this backbone's targets; return it in target order."""
+        if not _same_model(config.model, self.model):
+            raise CoaloraError(
+                f"{where} was written for backbone '{config.model}', not '{self.model}'; "
+                f"allocate one for this model with `coalora allocate --model {self.model}`"
+            )
+        extra = [n for n in config.matrices if n not in self._index]
+        if extra:
+            raise CoaloraError(
+                f"{where} names module '{extra[0]}' that backbone '{self.model}' does not have "
+                f"({len(extra)} unknown); is it for another backbone?"
+            )
+        missing = [n for n in self.names if n not in config.matrices]
+        if missing:
+            raise CoaloraError(
+                f"{where} is missing target module '{missing[0]}' ({len(missing)} of {len(self)} missing); "
+                "every target matrix needs an option"
+            )
+        return self.make(config.matrices[n] for n in self.names)
+
+    def load(self, path: str | os.PathLike) -> QConfig:
+        return self.validate(QConfig.load(path), where=f"qconfig '{path}'")
+
+    def save(self, config: QConfig, path: str | os.PathLike) -> None:
+        config.save(path, avg_bits=self.avg_bits(config))
+
+    # -- encoding for the search -------------------------------------------------------------------------
+    def encode(self, config: QConfig) -> torch.Tensor:
+        """(N, 5) long tensor of option-field indices."""
+        return torch.tensor([config.matrices[n].indices for n in self.names], dtype=torch.long)
+
+    def decode(self, encoded: torch.Tensor) -> QConfig:
+        rows = encoded.reshape(len(self), len(FIELD_NAMES)).tolist()
+        return self.make(QuantOption.from_indices(row) for row in rows)
+
+    def normalise(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Map indices to [0, 1] by the known field sizes (never by data min/max: no zero division)."""
+        sizes = torch.tensor(FIELD_SIZES, dtype=torch.float64)
+        flat = encoded.to(torch.float64).reshape(*encoded.shape[:-2], len(self), len(FIELD_NAMES))
+        return (flat / (sizes - 1)).reshape(*encoded.shape[:-2], self.dim)
+
+
+def _storage_bits_from_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Vectorised QuantOption.storage_bits for (..., 5) field indices."""
+    tables = [
+        torch.tensor([float(DTYPE_BITS.get(v, v)) for v in FIELD_CHOICES[n]], dtype=torch.float64)
+        for n in FIELD_NAMES
+    ]
+    b, b1, w, block, block2 = (tables[i][indices[..., i]] for i in range(len(FIELD_NAMES)))
+    return b + b1 / block + w / (block * block2)
+
+
+def option_index(option: QuantOption) -> int:
+    """Position of ``option`` in OPTION_SPACE."""
+    return _OPTION_POSITION[option]
+
+
+_OPTION_POSITION = {o: i for i, o in enumerate(OPTION_SPACE)}

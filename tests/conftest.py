@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random backbones built in code, the shared GLUE data, offline settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    if not (SHARED_DATA / "sst2" / "dev.tsv").is_file():
+        pytest.skip(f"shared GLUE data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    """Tiny random BERT, RoBERTa and LLaMA checkpoints (2 layers, hidden 64) saved as local HF folders."""
+    from tests.tiny_models import save_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    save_tiny_models(root)
+    return root

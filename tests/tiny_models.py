@@ -1,0 +1,75 @@
+"""Tiny random backbones (2 layers, hidden 64) built from configs in code, with working tokenizers.
+
+BERT reuses the packaged MiniLM WordPiece vocabulary; RoBERTa and LLaMA get a small byte-level BPE
+trained in code on a few sentences, so every family runs end to end offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SENTENCES = [
+    "a gripping , funny and moving film",
+    "the plot is thin and the acting is wooden",
+    "it is neither good nor bad , just dull",
+    "one of the best movies of the year",
+]
+
+
+def _bpe_tokenizer(kind: str):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe.train_from_iterator(SENTENCES * 4, vocab_size=300, min_frequency=1, special_tokens=specials)
+    if kind == "roberta":
+        from tokenizers.processors import RobertaProcessing
+
+        bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
+
+
+def tiny_config(kind: str):
+    from transformers import BertConfig, LlamaConfig, RobertaConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if kind == "bert":
+        return BertConfig(vocab_size=30522, max_position_embeddings=128, **common)
+    if kind == "roberta":
+        return RobertaConfig(vocab_size=300, max_position_embeddings=130, pad_token_id=1, **common)
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=300, max_position_embeddings=128, num_key_value_heads=2, pad_token_id=1, **common
+        )
+    raise ValueError(kind)
+
+
+def save_tiny_models(root: Path) -> dict[str, Path]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from coalora.backbone import DEFAULT_MODEL, resolve_model_path
+
+    paths = {}
+    for kind in ("bert", "roberta", "llama"):
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(tiny_config(kind))
+        folder = root / f"tiny-{kind}"
+        model.save_pretrained(folder)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
+            if kind == "bert"
+            else _bpe_tokenizer(kind)
+        )
+        tokenizer.save_pretrained(folder)
+        paths[kind] = folder
+    return paths
