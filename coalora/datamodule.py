@@ -1,0 +1,232 @@
+"""The GLUE LightningDataModule: rows from :mod:`coalora.glue`, tokenized once, padded per batch.
+
+Besides train and dev it carves a seeded *search split* out of the training rows (and removes it from
+training) so the configuration search is scored on examples the adapters never trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from coalora.backbone import DEFAULT_MODEL, load_tokenizer
+from coalora.errors import CoaloraError
+from coalora.glue import Row, TaskSpec, find_split_file, get_task, load_hub_split, read_rows, resolve_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+#: tokenizer outputs a batch carries, with the value that pads each (None: the tokenizer's pad id).
+_PADDED_KEYS: tuple[tuple[str, int | None], ...] = (
+    ("input_ids", None),
+    ("attention_mask", 0),
+    ("token_type_ids", 0),
+)
+
+
+class EncodedDataset(Dataset):
+    """Tokenized rows kept as unpadded Python lists, plus a label tensor."""
+
+    def __init__(self, features: dict[str, list[list[int]]], labels: torch.Tensor) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        item: dict = {key: values[index] for key, values in self.features.items()}
+        item["labels"] = self.labels[index]
+        return item
+
+
+class PadCollator:
+    """Right-pads each batch only to its own longest sequence (dynamic padding), keeping workers picklable."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(item["input_ids"]) for item in items)
+        batch: dict[str, torch.Tensor] = {}
+        for key, fill in _PADDED_KEYS:
+            if key not in items[0]:
+                continue
+            value = self.pad_token_id if fill is None else fill
+            batch[key] = torch.tensor([item[key] + [value] * (length - len(item[key])) for item in items])
+        batch["labels"] = torch.stack([item["labels"] for item in items])
+        return batch
+
+
+def _check_count(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise CoaloraError(f"{name}={value} is too small; use an integer >= {minimum}")
+
+
+def split_search(count: int, search_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, search)`` row indices: a seeded random ``search_size`` held out, both in file order."""
+    if search_size <= 0:
+        return list(range(count)), []
+    if search_size >= count:
+        raise CoaloraError(
+            f"search_size={search_size} leaves no training rows (the training set has {count}); "
+            "use a smaller search_size"
+        )
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[search_size:]), sorted(order[:search_size])
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """One GLUE task: train (minus the search split), search, and dev (used for validation and test)."""
+
+    def __init__(
+        self,
+        task: str = "sst2",
+        model_name: str = DEFAULT_MODEL,
+        glue_dir: str | None = None,
+        source: str = "auto",
+        train_file: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        search_size: int = 256,
+        train_limit: int | None = None,
+        eval_limit: int | None = None,
+        seed: int = 42,
+    ) -> None:
+        """Args mirror the CLI: ``train_file`` overrides the train split (any supported layout);
+        ``search_size`` rows are held out of training (0 disables); the limits cut splits for quick runs."""
+        super().__init__()
+        self.save_hyperparameters()
+        get_task(task)  # fail early on a typo
+        resolve_source(source, glue_dir)
+        for name, value, minimum in (
+            ("max_length", max_length, 2),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("search_size", search_size, 0),
+            ("train_limit", train_limit, 1),
+            ("eval_limit", eval_limit, 1),
+        ):
+            _check_count(name, value, minimum)
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.train_set: EncodedDataset | None = None
+        self.search_set: EncodedDataset | None = None
+        self.dev_set: EncodedDataset | None = None
+        self.train_indices: list[int] = []  # positions in the training file, after the search split
+        self.search_indices: list[int] = []
+
+    # ------------------------------------------------------------------------------------------ task info
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.hparams.task)
+
+    @property
+    def num_labels(self) -> int:
+        return self.spec.num_labels
+
+    @property
+    def is_regression(self) -> bool:
+        return self.spec.is_regression
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name)
+            if self._tokenizer.pad_token_id is None:
+                raise CoaloraError(
+                    f"tokenizer of '{self.hparams.model_name}' has no pad or eos token; pick another model"
+                )
+        return self._tokenizer
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def _rows(self, split: str) -> list[Row]:
+        if split == "train" and self.hparams.train_file:
+            return read_rows(self.hparams.train_file, self.spec.name)
+        kind, folder = resolve_source(self.hparams.source, self.hparams.glue_dir)
+        if kind == "hub":
+            return load_hub_split(self.spec.name, split)
+        assert folder is not None
+        return read_rows(find_split_file(folder, self.spec.name, split), self.spec.name)
+
+    def prepare_data(self) -> None:
+        """Download hub splits into the datasets cache; for local data, fail early on a missing file."""
+        kind, folder = resolve_source(self.hparams.source, self.hparams.glue_dir)
+        splits = [self.spec.dev_split] if self.hparams.train_file else ["train", self.spec.dev_split]
+        if self.hparams.train_file and not Path(self.hparams.train_file).expanduser().is_file():
+            raise CoaloraError(f"train_file {self.hparams.train_file} does not exist; check the path")
+        for split in splits:
+            if kind == "hub":
+                load_hub_split(self.spec.name, split)
+            else:
+                assert folder is not None
+                find_split_file(folder, self.spec.name, split)
+
+    def _encode(self, rows: list[Row]) -> EncodedDataset:
+        """Tokenize all rows in one fast-tokenizer call: truncated, unpadded."""
+        dtype = torch.float32 if self.is_regression else torch.long
+        labels = torch.tensor([row["label"] for row in rows], dtype=dtype)
+        if not rows:
+            return EncodedDataset({"input_ids": []}, labels)
+        texts = [[str(row[name]) for row in rows] for name in self.spec.text_fields]
+        encoded = self.tokenizer(*texts, truncation=True, max_length=self.hparams.max_length)
+        features = {key: encoded[key] for key, _ in _PADDED_KEYS if key in encoded}
+        return EncodedDataset(features, labels)
+
+    def _setup_train(self) -> None:
+        rows = self._rows("train")
+        train, search = split_search(len(rows), self.hparams.search_size, self.hparams.seed)
+        self.train_indices = train[: self.hparams.train_limit]
+        self.search_indices = search
+        self.train_set = self._encode([rows[i] for i in self.train_indices])
+        self.search_set = self._encode([rows[i] for i in search])
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and tokenize what ``stage`` needs (train and search only for fitting); idempotent."""
+        if stage in (None, "fit") and self.train_set is None:
+            self._setup_train()
+        if self.dev_set is None:
+            rows = self._rows(self.spec.dev_split)
+            self.dev_set = self._encode(rows[: self.hparams.eval_limit])
+
+    # --------------------------------------------------------------------------------------- dataloaders
+
+    def _loader(self, dataset: EncodedDataset | None, batch_size: int, shuffle: bool = False) -> DataLoader:
+        if dataset is None:
+            raise CoaloraError("the data module is not set up; call setup() (the Trainer does) first")
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dev_set, self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """The dev split again: GLUE's test labels are hidden."""
+        return self._loader(self.dev_set, self.hparams.eval_batch_size)
+
+    def search_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The held-out search split, in a fixed order, for scoring quantization configurations."""
+        if self.hparams.search_size == 0:
+            raise CoaloraError("the search split is disabled (search_size=0); set search_size > 0")
+        if self.search_set is None:
+            self._setup_train()
+        return self._loader(self.search_set, batch_size or self.hparams.eval_batch_size)

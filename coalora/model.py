@@ -1,0 +1,186 @@
+"""A Hugging Face classifier with configuration-aware LoRA on every target matrix.
+
+:class:`CoALoRAModel` owns the injected layers, the mapper and a memory-bounded cache of dequantized
+weights, and switches the whole backbone to a configuration in one call: an unchanged option is never
+re-quantized, a cached one is never recomputed, nothing is ever read from disk.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from coalora.backbone import TargetMatrix, discover_targets, module_types
+from coalora.lora import QuantLoRALinear
+from coalora.mapper import ConfigMapper
+from coalora.options import QuantOption
+from coalora.qconfig import ConfigSpace, QConfig
+from coalora.quantizer import fake_quantize
+
+
+class QuantCache:
+    """LRU cache of dequantized weights keyed by (matrix, option), bounded in bytes."""
+
+    def __init__(self, max_bytes: int, family: str = "nf") -> None:
+        self.max_bytes = max_bytes
+        self.family = family
+        self._entries: OrderedDict[tuple[str, QuantOption], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, name: str, option: QuantOption, weight: torch.Tensor) -> torch.Tensor:
+        key = (name, option)
+        cached = self._entries.get(key)
+        if cached is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return cached
+        self.misses += 1
+        value = fake_quantize(weight, option, self.family).to(weight.dtype)
+        size = value.numel() * value.element_size()
+        while self._entries and self._bytes + size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.numel() * evicted.element_size()
+        if size <= self.max_bytes:
+            self._entries[key] = value
+            self._bytes += size
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def inject_lora(
+    model: nn.Module, targets: list[TargetMatrix], rank: int, alpha: float, dropout: float
+) -> None:
+    """Replace every target ``nn.Linear`` of ``model`` by a :class:`QuantLoRALinear` in place."""
+    for target in targets:
+        parent_name, _, child = target.name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QuantLoRALinear(getattr(parent, child), rank, alpha, dropout))
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Parameters of the task head: everything outside the base model, plus a pooler if there is one.
+
+    BERT's pooler plays the role of RoBERTa's head dense layer, so it trains with the head.
+    """
+    base_prefix = getattr(model, "base_model_prefix", "")
+    names = []
+    for name, _ in model.named_parameters():
+        if not name.startswith(base_prefix + ".") or ".pooler." in name:
+            names.append(name)
+    return names
+
+
+class CoALoRAModel(nn.Module):
+    """Backbone + shared LoRA + (optional) mapper, switchable between quantization configurations."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        model_name: str,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_mapper: bool = True,
+        mapper_embed_dim: int = 8,
+        mapper_hidden: int = 128,
+        code_family: str = "nf",
+        cache_bytes: int = 4 << 30,
+    ) -> None:
+        super().__init__()
+        targets = discover_targets(backbone)
+        self.space = ConfigSpace(targets, model=model_name)
+        self.types = module_types(targets)
+        backbone.requires_grad_(False)
+        inject_lora(backbone, targets, rank, alpha, dropout)
+        for name in head_parameter_names(backbone):
+            backbone.get_parameter(name).requires_grad_(True)
+        self.backbone = backbone
+        self.layers: list[QuantLoRALinear] = [backbone.get_submodule(t.name) for t in targets]
+        self.register_buffer(
+            "block_ids", torch.tensor([t.block_index for t in targets], dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "type_ids", torch.tensor([self.types.index(t.module_type) for t in targets]), persistent=False
+        )
+        num_blocks = max(t.block_index for t in targets) + 1
+        self.mapper = (
+            ConfigMapper(rank, num_blocks, len(self.types), mapper_embed_dim, mapper_hidden)
+            if use_mapper
+            else None
+        )
+        self.cache = QuantCache(cache_bytes, code_family)
+        self._active: list[QuantOption | None] = [None] * len(self.layers)
+        self.active_config: QConfig | None = None
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        """Moving devices or dtypes invalidates every cached dequantized weight."""
+        self.cache.clear()
+        for layer in self.layers:
+            layer.active_weight = None
+        self._active = [None] * len(self.layers)
+        self.active_config = None
+        return super()._apply(fn, recurse)
+
+    # -- configuration switching --------------------------------------------------------------------
+    def set_config(self, config: QConfig | None) -> None:
+        """Quantize the backbone for ``config`` (None: full precision). Cheap when options repeat."""
+        options = (
+            [None] * len(self.layers) if config is None else [config.matrices[n] for n in self.space.names]
+        )
+        for i, (layer, option) in enumerate(zip(self.layers, options, strict=True)):
+            if option == self._active[i] and (option is None or layer.active_weight is not None):
+                continue
+            name = self.space.names[i]
+            layer.active_weight = None if option is None else self.cache.get(name, option, layer.weight)
+            self._active[i] = option
+        self.active_config = config
+
+    def set_fixed_weights(self, weights: dict[str, torch.Tensor], config: QConfig) -> None:
+        """Pin precomputed dequantized weights (LQ-LoRA's Q(W − L)) for one configuration."""
+        for i, layer in enumerate(self.layers):
+            layer.active_weight = weights[self.space.names[i]]
+            self._active[i] = None  # force a refresh if another configuration is set later
+        self.active_config = config
+
+    def mixers(self, config: QConfig) -> torch.Tensor:
+        """M for every target matrix under ``config``, in one batched mapper call: (N, r, r)."""
+        assert self.mapper is not None
+        encoded = self.space.encode(config).to(self.block_ids.device)
+        return self.mapper(encoded, self.block_ids, self.type_ids)
+
+    def apply_mixers(self, config: QConfig | None) -> None:
+        mixers = self.mixers(config) if (self.mapper is not None and config is not None) else None
+        for i, layer in enumerate(self.layers):
+            layer.mixer = None if mixers is None else mixers[i]
+
+    def forward(self, config: QConfig | None = None, **batch) -> object:
+        """Run the backbone under ``config`` (already-set config if it is the active one)."""
+        if config is not self.active_config:
+            self.set_config(config)
+        self.apply_mixers(config)
+        return self.backbone(**batch)
+
+    # -- deployment ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def folded_adapter(self, config: QConfig | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (A, B·M): a plain LoRA adapter for ``config``."""
+        mixers = self.mixers(config) if (self.mapper is not None and config is not None) else None
+        return {
+            name: (
+                layer.lora_A.detach().clone(),
+                layer.folded_B(None if mixers is None else mixers[i]).clone(),
+            )
+            for i, (name, layer) in enumerate(zip(self.space.names, self.layers, strict=True))
+        }
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
