@@ -15,7 +15,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer
 from coalora.errors import CoaloraError
-from coalora.glue import Row, TaskSpec, find_split_file, get_task, load_hub_split, read_rows, resolve_source
+from coalora.glue import (
+    Row,
+    TaskSpec,
+    default_glue_dir,
+    find_split_file,
+    get_task,
+    load_hub_split,
+    read_rows,
+    resolve_source,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -148,9 +157,18 @@ class GLUEDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------- loading
 
+    def _train_file(self) -> Path:
+        """``train_file`` as given, else relative to the GLUE folder (configs say ``sst2/sentence/...``)."""
+        path = Path(self.hparams.train_file).expanduser()
+        if not path.is_absolute() and not path.exists():
+            folder = Path(self.hparams.glue_dir).expanduser() if self.hparams.glue_dir else default_glue_dir()
+            if folder is not None and (folder / path).exists():
+                return folder / path
+        return path
+
     def _rows(self, split: str) -> list[Row]:
         if split == "train" and self.hparams.train_file:
-            return read_rows(self.hparams.train_file, self.spec.name)
+            return read_rows(self._train_file(), self.spec.name)
         kind, folder = resolve_source(self.hparams.source, self.hparams.glue_dir)
         if kind == "hub":
             return load_hub_split(self.spec.name, split)
@@ -161,7 +179,7 @@ class GLUEDataModule(L.LightningDataModule):
         """Download hub splits into the datasets cache; for local data, fail early on a missing file."""
         kind, folder = resolve_source(self.hparams.source, self.hparams.glue_dir)
         splits = [self.spec.dev_split] if self.hparams.train_file else ["train", self.spec.dev_split]
-        if self.hparams.train_file and not Path(self.hparams.train_file).expanduser().is_file():
+        if self.hparams.train_file and not self._train_file().is_file():
             raise CoaloraError(f"train_file {self.hparams.train_file} does not exist; check the path")
         for split in splits:
             if kind == "hub":

@@ -60,13 +60,14 @@ def lqlora_decompose(
     Returns (dequantized Q, L₁ (out×r), L₂ (r×in)) with L₁L₂ the low-rank part.
     """
     w = weight.detach().to(torch.float32)
-    low_rank = torch.zeros_like(w)
-    left = right = None
-    for _ in range(max(1, iters)):
-        quantized = fake_quantize(w - low_rank, option, family)
-        u, s, vh = torch.linalg.svd(w - quantized, full_matrices=False)
-        root = s[:rank].sqrt()
-        left, right = u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]
-        low_rank = left @ right
-    quantized = fake_quantize(w - low_rank, option, family)
-    return quantized, left, right
+    left, right = _truncated_svd(w, rank)  # start from L = SVD_r(W), as LQ-LoRA does
+    for _ in range(max(0, iters - 1)):
+        left, right = _truncated_svd(w - fake_quantize(w - left @ right, option, family), rank)
+    return fake_quantize(w - left @ right, option, family), left, right
+
+
+def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors (U√S, √S·Vᵀ) of ``matrix``."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root.unsqueeze(1) * vh[:rank]

@@ -121,7 +121,7 @@ class CoALoRAModel(nn.Module):
         self._active: list[QuantOption | None] = [None] * len(self.layers)
         self.active_config: QConfig | None = None
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(self, fn, recurse: bool = True):
         """Moving devices or dtypes invalidates every cached dequantized weight."""
         self.cache.clear()
         for layer in self.layers:

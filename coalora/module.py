@@ -48,7 +48,6 @@ class CoALoRAModule(L.LightningModule):
         self,
         model_name: str = DEFAULT_MODEL,
         task: str = "sst2",
-        num_labels: int = 2,
         method: str = "coalora",
         rank: int = 8,
         alpha: float = 16.0,
@@ -76,7 +75,7 @@ class CoALoRAModule(L.LightningModule):
             raise CoaloraError(f"configs_per_step must be >= 1, got {configs_per_step}")
         self.save_hyperparameters()
         self.spec = get_task(task)
-        backbone = load_classifier(model_name, num_labels=num_labels)
+        backbone = load_classifier(model_name, num_labels=self.spec.num_labels)
         self.model = CoALoRAModel(
             backbone,
             model_name,
@@ -156,7 +155,7 @@ class CoALoRAModule(L.LightningModule):
         self.train_configs = [self.model.space.validate(c) for c in configs]
 
     def _sample_configs(self) -> list[QConfig | None]:
-        """Configurations for this step; seeded by the global step so every DDP rank and a resumed run agree."""
+        """This step's configurations, seeded by the global step: DDP ranks and resumed runs agree."""
         hp = self.hparams
         if hp.method == "fp":
             return [None]
@@ -168,11 +167,17 @@ class CoALoRAModule(L.LightningModule):
         return [self.train_configs[int(i)] for i in picks]
 
     def _prepare(self, config: QConfig | None) -> None:
-        if self.hparams.method == "lqlora" and config is not None:
-            if self.model.active_config is not config:
-                device = self.model.layers[0].weight.device
-                fixed = {n: w.to(device) for n, w in self._lqlora_weights.items()}
-                self.model.set_fixed_weights(fixed, config)
+        if self.hparams.method == "lqlora" and config is not None and self.model.active_config is not config:
+            device = self.model.layers[0].weight.device
+            fixed = {n: w.to(device) for n, w in self._lqlora_weights.items()}
+            self.model.set_fixed_weights(fixed, config)
+
+    def on_fit_start(self) -> None:
+        """Every DDP rank trains on rank 0's configuration sets (allocation is deterministic, but be sure)."""
+        if self.trainer.world_size > 1:
+            self.train_configs, self.eval_configs = self.trainer.strategy.broadcast(
+                (self.train_configs, self.eval_configs), src=0
+            )
 
     # -- steps ------------------------------------------------------------------------------------------
     def forward(self, batch: dict, config: QConfig | None) -> torch.Tensor:

@@ -126,6 +126,24 @@ class ConfigSpace:
         picks = torch.randint(len(OPTION_SPACE), (len(self),), generator=generator)
         return self.make(OPTION_SPACE[int(i)] for i in picks)
 
+    def random_near(self, bits: float, generator: torch.Generator | None = None) -> QConfig:
+        """A random configuration whose avg_bits is close to ``bits``.
+
+        Each matrix takes one of the two code widths around ``bits`` (e.g. 4 or 8 for 6.0) with the
+        probability that makes the expected width ``bits``; its other four fields are uniform.
+        """
+        widths = sorted(FIELD_CHOICES["bits"])
+        lower = max([w for w in widths if w <= bits], default=widths[0])
+        upper = min([w for w in widths if w >= bits], default=widths[-1])
+        p_upper = 0.0 if upper == lower else (bits - lower) / (upper - lower)
+        pick_upper = torch.rand(len(self), generator=generator) < p_upper
+        options = []
+        for use_upper in pick_upper.tolist():
+            rest = [int(torch.randint(size, (1,), generator=generator)) for size in FIELD_SIZES[1:]]
+            width_index = FIELD_CHOICES["bits"].index(upper if use_upper else lower)
+            options.append(QuantOption.from_indices([width_index, *rest]))
+        return self.make(options)
+
     # -- cost -----------------------------------------------------------------------------------------
     def avg_bits(self, config: QConfig) -> float:
         """Parameter-weighted mean storage bits over the target matrices (SPEC §2.2)."""

@@ -1,0 +1,75 @@
+"""``coalora demo``: the main job on the embedded default — train CoA-LoRA on SST-2 with the packaged
+MiniLM (offline), then evaluate the best checkpoint at 2.5/3.0/3.5/4.0 bits plus random unseen
+configurations, writing the table (JSON, CSV) and the plot."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from coalora.errors import CoaloraError
+
+DEFAULT_CONFIG = "configs/sst2_minilm.yaml"
+#: unknown flags (e.g. ``--trainer.max_epochs 1``) are handed to LightningCLI as overrides
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help=f"LightningCLI config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, logs, eval/)")
+    parser.add_argument("--random", type=int, default=8, help="random unseen configurations to evaluate too")
+
+
+def find_config(name: str | None) -> Path:
+    """The demo config: as given, else in ./configs, else beside the installed package's repository."""
+    candidates = (
+        [Path(name)] if name else [Path(DEFAULT_CONFIG), Path(__file__).resolve().parents[2] / DEFAULT_CONFIG]
+    )
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CoaloraError(f"config {candidates[0]} not found; run from the repository root or pass --config")
+
+
+def run(args: argparse.Namespace) -> int:
+    from coalora.cli import lightning_main
+    from coalora.commands import evaluate
+
+    config = find_config(args.config)
+    out = Path(args.out)
+    start = time.perf_counter()
+    cli = lightning_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(out),
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+            *args.overrides,
+        ]
+    )
+    fit_seconds = time.perf_counter() - start
+    checkpoint = cli.trainer.checkpoint_callback
+    best = checkpoint.best_model_path or checkpoint.last_model_path if checkpoint else ""
+    if not best:
+        raise CoaloraError("training wrote no checkpoint; keep the ModelCheckpoint callback in the config")
+    print(f"trained in {fit_seconds / 60:.1f} min; evaluating {best}", flush=True)
+    eval_args = argparse.Namespace(
+        ckpt=[best],
+        budgets=None,
+        qconfig=[],
+        random=args.random,
+        seen=4,
+        out=str(out / "eval"),
+        glue_dir=None,
+        eval_limit=None,
+        batch_size=128,
+        precision="bf16",
+        seed=0,
+    )
+    evaluate.run(eval_args)
+    print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; results in {out / 'eval'}")
+    return 0

@@ -1,0 +1,136 @@
+"""``coalora evaluate``: one or more checkpoints at budgets, qconfig files, random and seen configurations.
+
+Per-configuration baselines (qlora, lqlora) and fp are evaluated at their own configuration only; CoA-LoRA
+and Shared-LoRA at every requested configuration. Writes eval.json, eval.csv and eval.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from coalora.errors import CoaloraError
+from coalora.evaluation import EvalResult, evaluate_config, format_table, summarise, write_outputs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint(s) written by `coalora fit`")
+    parser.add_argument(
+        "--budgets", nargs="*", type=float, default=None, help="bit budgets (default: the run's)"
+    )
+    parser.add_argument("--qconfig", nargs="*", default=[], help="qconfig JSON files to evaluate as well")
+    parser.add_argument(
+        "--random", type=int, default=0, help="N random unseen configurations over 2.25-7 bits"
+    )
+    parser.add_argument("--seen", type=int, default=0, help="N configurations from the final training set")
+    parser.add_argument("--out", default=None, help="output folder (default: <first ckpt folder>/eval)")
+    parser.add_argument(
+        "--glue-dir", default=None, help="GLUE data folder (default: GLUE_DIR or ../shared/data)"
+    )
+    parser.add_argument("--eval-limit", type=int, default=None, help="use only the first N dev examples")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --random and --seen")
+
+
+def _load(path: str):
+    from coalora.module import CoALoRAModule
+
+    if not Path(path).is_file():
+        raise CoaloraError(f"checkpoint '{path}' does not exist; pass a .ckpt written by `coalora fit`")
+    try:
+        module = CoALoRAModule.load_from_checkpoint(path, map_location="cpu")
+    except CoaloraError:
+        raise
+    except (KeyError, RuntimeError, EOFError, OSError) as err:
+        raise CoaloraError(
+            f"cannot read checkpoint '{path}' ({type(err).__name__}); is it a coalora checkpoint?"
+        ) from err
+    return module.eval()
+
+
+def _dev_loader(module, args: argparse.Namespace, data_hparams: dict):
+    from coalora.datamodule import GLUEDataModule
+
+    data = GLUEDataModule(
+        task=module.hparams.task,
+        model_name=module.hparams.model_name,
+        glue_dir=args.glue_dir or data_hparams.get("glue_dir"),
+        source=data_hparams.get("source", "auto"),
+        max_length=data_hparams.get("max_length", 128),
+        eval_batch_size=args.batch_size,
+        eval_limit=args.eval_limit,
+        search_size=0,
+    )
+    data.setup("validate")
+    return data.val_dataloader()
+
+
+def configs_to_evaluate(module, args: argparse.Namespace) -> list[tuple[str, str, object]]:
+    """(label, kind, config) triples for one checkpoint."""
+    from coalora.allocator import allocate, cached_error_table
+    from coalora.backbone import target_weights
+    from coalora.module import budget_label
+
+    method = module.hparams.method
+    if method == "fp":
+        return [("fp", "fp", None)]
+    if method in ("qlora", "lqlora"):
+        return [(label, "own", config) for label, config in module.eval_configs.items()]
+    space = module.model.space
+    if args.budgets is None:
+        items = [(label, "budget", config) for label, config in module.eval_configs.items()]
+    else:
+        weights = target_weights(module.model.backbone, space.targets)
+        table = cached_error_table(weights, family=module.hparams.code_family)
+        items = [(budget_label(b), "budget", allocate(space, table, b)) for b in args.budgets]
+    items += [(Path(p).stem, "qconfig", space.load(p)) for p in args.qconfig]
+    generator = torch.Generator().manual_seed(args.seed)
+    for i in range(args.random):
+        target = 2.25 + (7.0 - 2.25) * (i + 0.5) / args.random
+        items.append((f"random-{i}", "random", space.random_near(target, generator)))
+    if args.seen:
+        picks = torch.randperm(len(module.train_configs), generator=generator)[: args.seen]
+        items += [(f"seen-{int(i)}", "seen", module.train_configs[int(i)]) for i in picks]
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    results: list[EvalResult] = []
+    task = None
+    names: dict[str, int] = {}
+    for path in args.ckpt:
+        module = _load(path)
+        data_hparams = torch.load(path, map_location="cpu", weights_only=False).get(
+            "datamodule_hyper_parameters", {}
+        )
+        if task is not None and module.hparams.task != task:
+            raise CoaloraError(
+                f"checkpoints are for different tasks ({task}, {module.hparams.task}); evaluate separately"
+            )
+        task = module.hparams.task
+        loader = _dev_loader(module, args, data_hparams)
+        seen = set(module.train_configs)
+        method = module.hparams.method
+        items = configs_to_evaluate(module, args)
+        run_name = method if method not in ("qlora", "lqlora") else f"{method}@{items[0][0]}"
+        names[run_name] = names.get(run_name, 0) + 1
+        if names[run_name] > 1:
+            run_name = f"{run_name}#{names[run_name]}"
+        for label, kind, config in items:
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                metrics = evaluate_config(module, loader, config, task)
+            bits = None if config is None else module.model.space.avg_bits(config)
+            results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics))
+            print(f"  {run_name} {label}: {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)
+    out = Path(args.out) if args.out else Path(args.ckpt[0]).resolve().parent / "eval"
+    paths = write_outputs(results, task, out)
+    print(format_table(results, task))
+    for run_name, info in summarise(results, task).items():
+        print(f"{run_name}: {info}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
