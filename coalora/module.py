@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from coalora.allocator import EVAL_BUDGETS, allocate, budget_grid, cached_error_table
+from coalora.allocator import EVAL_BUDGETS, budget_grid, cached_allocate, cached_error_table
 from coalora.backbone import DEFAULT_MODEL, load_classifier, target_weights, weights_fingerprint
 from coalora.errors import CoaloraError
 from coalora.glue import get_task, glue_metrics, main_metric, predictions_from_logits
@@ -108,7 +108,7 @@ class CoALoRAModule(L.LightningModule):
             nonlocal table
             if table is None:
                 table = cached_error_table(weights, family=hp.code_family)
-            return allocate(space, table, budget)
+            return cached_allocate(space, table, budget)
 
         if hp.method in ("qlora", "lqlora"):
             if hp.qconfig is not None:
@@ -237,6 +237,10 @@ class CoALoRAModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save what training changed (LoRA, mapper, head) and the configuration sets, not the frozen backbone:
+        loading rebuilds it from ``model_name`` and checks the weights' fingerprint."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["coalora"] = {
             "fingerprint": self.fingerprint,
             "train_configs": [c.to_json() for c in self.train_configs],
@@ -252,6 +256,8 @@ class CoALoRAModule(L.LightningModule):
                 f"checkpoint was trained on another backbone (weights {state['fingerprint']}, "
                 f"this model {self.fingerprint}); pass the model_name it was trained with"
             )
+        for key, value in self.state_dict().items():  # the frozen backbone, verified by the fingerprint above
+            checkpoint["state_dict"].setdefault(key, value)
         space = self.model.space
         self.train_configs = [space.validate(QConfig.from_json(c)) for c in state["train_configs"]]
         self.eval_configs = {

@@ -15,6 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
+if "COALORA_CACHE" not in os.environ:  # one cache per test session: error tables and allocations are reused
+    import tempfile
+
+    os.environ["COALORA_CACHE"] = tempfile.mkdtemp(prefix="coalora-test-cache-")
 SHARED_DATA = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
 
 

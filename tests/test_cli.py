@@ -23,7 +23,6 @@ TINY_BUDGETS = "[2.5, 3.3, 5.0]"
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("COALORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
@@ -104,7 +103,7 @@ def test_sweep_command_parses(tiny_models_dir, glue_dir, tmp_path):
 
 
 def _fit_subprocess(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), COALORA_CACHE=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
     cmd = [sys.executable, "-m", "coalora.cli", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 

@@ -1,0 +1,107 @@
+"""``coalora allocate``: bit budgets -> quantization configuration files (SPEC §2.5).
+
+One budget writes ``--out FILE``; several write ``<budget>bits.json`` files into ``--out-dir``. The error
+table is cached (``--cache-dir``, ``$COALORA_CACHE`` or ``~/.cache/coalora``), so only the first run on a
+backbone pays for it. ``--fisher-glue-task`` weighs errors by an empirical Fisher from that task's
+training sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from pathlib import Path
+
+from coalora.backbone import DEFAULT_MODEL
+from coalora.codebooks import CODE_FAMILIES
+from coalora.errors import CoaloraError
+from coalora.options import BITS_CHOICES, OPTION_SPACE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"backbone name or folder (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--budget", type=float, nargs="+", required=True, help="average bits per weight, e.g. 3.0"
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=None, help="qconfig file to write (one budget)")
+    where.add_argument("--out-dir", default=None, help="folder for one <budget>bits.json per budget")
+    parser.add_argument(
+        "--fisher-glue-task", default=None, help="weigh errors by a Fisher from this task's text"
+    )
+    parser.add_argument(
+        "--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR or ../shared/data)"
+    )
+    parser.add_argument(
+        "--fisher-samples", type=int, default=256, help="sentences for the Fisher (default 256)"
+    )
+    parser.add_argument(
+        "--codes", choices=CODE_FAMILIES, default="nf", help="code family: NormalFloat or int"
+    )
+    parser.add_argument("--cache-dir", default=None, help="error-table cache (default: $COALORA_CACHE)")
+
+
+def budget_label(budget: float) -> str:
+    """File-name form of a budget: 3.0 -> '3.0bits', 2.35 -> '2.35bits'."""
+    return f"{round(budget, 4)}bits"
+
+
+def _outputs(args: argparse.Namespace) -> list[Path | None]:
+    """Where each budget's configuration goes (None: print only)."""
+    budgets = args.budget
+    if args.out is not None:
+        if len(budgets) != 1:
+            raise CoaloraError(
+                f"--out takes one budget but got {len(budgets)}; use --out-dir DIR for several"
+            )
+        return [Path(args.out)]
+    if args.out_dir is not None:
+        return [Path(args.out_dir) / f"{budget_label(b)}.json" for b in budgets]
+    return [None] * len(budgets)
+
+
+def _fisher_texts(args: argparse.Namespace) -> list[str] | None:
+    if args.fisher_glue_task is None:
+        if args.glue_dir is not None:
+            raise CoaloraError("--glue-dir only matters with --fisher-glue-task; add that or drop --glue-dir")
+        return None
+    from coalora.glue import get_task, load_split
+
+    spec = get_task(args.fisher_glue_task)
+    rows = load_split(spec.name, "train", glue_dir=args.glue_dir)
+    return [" ".join(str(row[field]) for field in spec.text_fields) for row in rows]
+
+
+def run(args: argparse.Namespace) -> int:
+    from coalora.allocator import allocate, check_budget, model_error_table, total_error
+
+    for budget in args.budget:
+        check_budget(budget)
+    if args.fisher_samples < 1:
+        raise CoaloraError(f"--fisher-samples must be >= 1, got {args.fisher_samples}")
+    outputs = _outputs(args)
+    texts = _fisher_texts(args)
+    start = time.perf_counter()
+    space, table = model_error_table(args.model, texts, args.codes, args.cache_dir, args.fisher_samples)
+    kind = "plain" if texts is None else f"Fisher ({args.fisher_glue_task})"
+    print(
+        f"{args.model}: {len(space)} matrices x {len(OPTION_SPACE)} options, {kind} {args.codes} error table "
+        f"ready in {time.perf_counter() - start:.1f} s"
+    )
+    bit_columns = "".join(f"{f'{b}b':>4}" for b in BITS_CHOICES)
+    print(f"{'budget':>7} {'avg_bits':>9} {'total_error':>12} {'time_s':>7} {bit_columns}  file")
+    for budget, path in zip(args.budget, outputs, strict=True):
+        start = time.perf_counter()
+        config = allocate(space, table, budget)
+        seconds = time.perf_counter() - start
+        avg = space.avg_bits(config)
+        if path is not None:
+            space.save(config, path)
+        counts = Counter(option.bits for option in config.matrices.values())
+        histogram = "".join(f"{counts.get(b, 0):>4}" for b in BITS_CHOICES)
+        error = total_error(space, table, config)
+        print(f"{budget:>7.3f} {avg:>9.4f} {error:>12.5g} {seconds:>7.2f} {histogram}  {path or '-'}")
+    return 0

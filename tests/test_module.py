@@ -1,0 +1,122 @@
+"""The LightningModule: methods, checkpoints (small, restorable, backbone-checked) and the training set."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from coalora.datamodule import GLUEDataModule
+from coalora.errors import CoaloraError
+from coalora.module import CoALoRAModule, budget_label
+
+BUDGETS = [2.5, 3.3, 5.0]
+
+
+
+
+def _module(tiny_models_dir, **kwargs) -> CoALoRAModule:
+    args = dict(model_name=str(tiny_models_dir / "tiny-bert"), rank=4, train_budgets=BUDGETS, lr=1e-3)
+    return CoALoRAModule(**{**args, **kwargs})
+
+
+def _data(tiny_models_dir, glue_dir) -> GLUEDataModule:
+    return GLUEDataModule(
+        model_name=str(tiny_models_dir / "tiny-bert"),
+        glue_dir=str(glue_dir),
+        train_file="sst2/sentence/stsa.binary.train",
+        train_limit=32,
+        eval_limit=16,
+        batch_size=8,
+        search_size=0,
+    )
+
+
+def _fit(module, data, tmp_path, steps: int = 3) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+        default_root_dir=tmp_path, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_budget_labels():
+    assert [budget_label(b) for b in (2.5, 3.0, 4, 2.25, 7.15)] == ["2.5", "3.0", "4.0", "2.25", "7.15"]
+
+
+def test_methods_allocate_the_right_configurations(tiny_models_dir):
+    coalora = _module(tiny_models_dir)
+    assert list(coalora.eval_configs) == ["2.5", "3.0", "3.5", "4.0"]
+    assert len(coalora.train_configs) == len(BUDGETS)
+    assert not set(coalora.train_configs) & set(coalora.eval_configs.values()) - {coalora.eval_configs["2.5"]}
+    qlora = _module(tiny_models_dir, method="qlora", train_budget=3.0)
+    assert list(qlora.eval_configs) == ["3.0"] and qlora.train_configs == [qlora.eval_configs["3.0"]]
+    assert qlora.model.mapper is None
+    assert _module(tiny_models_dir, method="fp").eval_configs == {"fp": None}
+    with pytest.raises(CoaloraError, match="set train_budget or qconfig"):
+        _module(tiny_models_dir, method="qlora")
+    with pytest.raises(CoaloraError, match="outside the achievable range"):
+        _module(tiny_models_dir, eval_budgets=[1.5])
+
+
+def test_step_sampling_is_a_function_of_the_global_step(tiny_models_dir):
+    module = _module(tiny_models_dir, configs_per_step=2)
+    first = module._sample_configs()
+    assert len(first) == 2 and first[0] != first[1]
+    assert module._sample_configs() == first
+
+
+def test_set_training_configs_validates(tiny_models_dir):
+    module = _module(tiny_models_dir)
+    new = [module.model.space.random(torch.Generator().manual_seed(i)) for i in range(3)]
+    module.set_training_configs(new)
+    assert module.train_configs == new
+    with pytest.raises(CoaloraError, match="cannot be empty"):
+        module.set_training_configs([])
+
+
+def test_checkpoint_is_small_and_restores_exactly(tiny_models_dir, glue_dir, tmp_path):
+    module = _module(tiny_models_dir)
+    trainer = _fit(module, _data(tiny_models_dir, glue_dir), tmp_path)
+    new_set = [module.model.space.random(torch.Generator().manual_seed(7))]
+    module.set_training_configs(new_set)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    assert all("lora_" in k or "mapper" in k or "classifier" in k or "pooler" in k for k in saved["state_dict"])
+    restored = CoALoRAModule.load_from_checkpoint(path)
+    assert restored.train_configs == new_set and restored.eval_configs == module.eval_configs
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    config = module.eval_configs["3.0"]
+    module.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.equal(module(batch, config), restored(batch, config))
+
+
+def test_checkpoint_from_another_backbone_is_refused(tiny_models_dir, glue_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    module = _module(tiny_models_dir)
+    trainer = _fit(module, _data(tiny_models_dir, glue_dir), tmp_path, steps=1)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    other = tmp_path / "other-bert"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models_dir / "tiny-bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight.add_(0.1)
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_models_dir / "tiny-bert").save_pretrained(other)
+    with pytest.raises(CoaloraError, match="trained on another backbone"):
+        CoALoRAModule.load_from_checkpoint(tmp_path / "m.ckpt", model_name=str(other))
+
+
+@pytest.mark.parametrize("method", ["coalora", "shared", "qlora", "lqlora", "fp"])
+def test_every_method_trains_and_changes_only_its_trainable_parameters(method, tiny_models_dir, glue_dir, tmp_path):
+    module = _module(tiny_models_dir, method=method, train_budget=3.0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _fit(module, _data(tiny_models_dir, glue_dir), tmp_path, steps=2)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    changed = {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= trainable
+    assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
+    assert any("mapper" in k for k in changed) == (method == "coalora")
