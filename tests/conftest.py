@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning  # noqa: F401 - imported before any capsys test: its log handler must bind the real stderr
 import pytest
 import torch
+import transformers  # noqa: F401 - same reason
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,64 @@
+"""``coalora adapt``: a checkpoint and a configuration in, a self-contained deployable model out.
+
+The configuration comes from a bit budget (the allocator), a qconfig file, or a byte budget (the
+least-error configuration whose weights fit). qlora/lqlora/fp checkpoints need none: they are exported at
+the one configuration they were trained for (fp: full precision). ``--format peft`` writes a dequantized
+Hugging Face base model and a standard PEFT LoRA adapter instead of the compact artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+from coalora.errors import CoaloraError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'5000000', '4.5MB', '3MiB' -> bytes (decimal kB/MB/GB, binary KiB/MiB/GiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a byte count; write e.g. 5000000, 4.5MB or 3MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by `coalora fit`")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--budget", type=float, default=None, help="average bits per weight, e.g. 3.0")
+    which.add_argument("--qconfig", default=None, help="configuration file (coalora allocate --out)")
+    which.add_argument(
+        "--max-bytes", type=parse_bytes, default=None, help="byte budget for all weights, e.g. 6MB"
+    )
+    parser.add_argument("--out", required=True, help="folder to write (replaced only if it is an export)")
+    parser.add_argument(
+        "--format",
+        choices=("coalora", "peft"),
+        default="coalora",
+        help="coalora: packed low-bit artifact (default); peft: dequantized base + PEFT adapter",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from coalora.serve import export, load_module
+
+    if args.max_bytes is not None and args.max_bytes <= 0:
+        raise CoaloraError(f"--max-bytes must be positive, got {args.max_bytes}")
+    start = time.perf_counter()
+    module = load_module(args.ckpt)
+    loaded = time.perf_counter() - start
+    report = export(
+        module,
+        args.out,
+        budget=args.budget,
+        qconfig=args.qconfig,
+        max_bytes=args.max_bytes,
+        format=args.format,
+    )
+    report.timings = {"load checkpoint": loaded, **report.timings}
+    print("\n".join(report.lines()))
+    return 0

@@ -1,0 +1,573 @@
+"""Adapt and export: artifacts, loading, in-process switching, PEFT interop and every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from coalora.backbone import load_tokenizer, target_weights
+from coalora.errors import CoaloraError
+from coalora.export import (
+    ADAPTER_FILE,
+    FULL_PRECISION_FILE,
+    METADATA_FILE,
+    QUANTIZED_FILE,
+    load,
+    packed_nbytes,
+    read_artifact,
+)
+from coalora.options import QuantOption
+from coalora.qconfig import QConfig
+from coalora.quantizer import fake_quantize
+from coalora.serve import AdaptiveModel, export, load_module
+
+TEXTS = ["a gripping , funny and moving film", "the plot is thin and the acting is wooden and far too long"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COALORA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_models_dir, glue_dir, workdir) -> Path:
+    """A CoA-LoRA checkpoint trained 3 steps, with B and the mapper's last layer moved far from zero."""
+    import lightning as L
+
+    from coalora.datamodule import GLUEDataModule
+    from coalora.module import CoALoRAModule
+
+    torch.manual_seed(0)
+    name = str(tiny_models_dir / "tiny-bert")
+    module = CoALoRAModule(model_name=name, rank=4, train_budgets=[2.5, 3.5, 5.0], eval_budgets=[3.0])
+    data = GLUEDataModule(
+        task="sst2",
+        model_name=name,
+        glue_dir=str(glue_dir),
+        train_file=str(glue_dir / "sst2" / "sentence" / "stsa.binary.train"),
+        train_limit=32,
+        eval_limit=16,
+        batch_size=8,
+        search_size=0,
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=workdir,
+    )
+    trainer.fit(module, data)
+    with torch.no_grad():  # M != I and B != 0, so the fold really matters; a larger head shows it in logits
+        torch.nn.init.normal_(module.model.mapper.net[-1].weight, std=0.05)
+        for layer in module.model.layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        torch.nn.init.normal_(module.model.backbone.classifier.weight, std=1.0)
+    path = workdir / "coalora.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def module(ckpt):
+    return load_module(ckpt)
+
+
+@pytest.fixture(scope="module")
+def config(module) -> QConfig:
+    return module.eval_configs["3.0"]
+
+
+@pytest.fixture(scope="module")
+def other_config(module, config) -> QConfig:
+    """A second configuration (no allocator run): every matrix at 4-bit NF with fp16 scales."""
+    return module.model.space.uniform(QuantOption(4, 8, "fp16", 32, 64))
+
+
+@pytest.fixture(scope="module")
+def batch(module) -> dict:
+    tokenizer = load_tokenizer(module.hparams.model_name)
+    return dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(module, workdir) -> Path:
+    out = workdir / "artifact-3.0"
+    export(module, out, budget=3.0)
+    return out
+
+
+@torch.no_grad()
+def module_logits(module, batch: dict, config: QConfig | None) -> torch.Tensor:
+    return module(batch, config)
+
+
+def _method_ckpt(path: Path, model_name: str, method: str, **kwargs) -> Path:
+    """A checkpoint of another method, built without training (B made non-zero so the adapter matters)."""
+    from coalora.module import CoALoRAModule
+
+    torch.manual_seed(1)
+    module = CoALoRAModule(model_name=model_name, method=method, rank=4, **kwargs)
+    with torch.no_grad():
+        for layer in module.model.layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------- artifact logits
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_artifact_logits_equal_the_training_model_under_its_configuration(
+    module, config, other_config, batch, artifact_dir, merge
+):
+    expected = module_logits(module, batch, config)
+    got = load(artifact_dir, merge=merge).logits(batch)
+    assert torch.allclose(got, expected, atol=ATOL), (got - expected).abs().max()
+    # the comparison can fail: another configuration, or the adapter without M, gives other logits
+    assert (module_logits(module, batch, other_config) - expected).abs().max() > 100 * ATOL
+    artifact = read_artifact(artifact_dir)
+    names = module.model.space.names
+    artifact.adapter = {n: (layer.lora_A, layer.lora_B) for n, layer in zip(names, module.model.layers)}
+    with torch.no_grad():
+        unfolded = artifact.to_model(merge)(**batch).logits
+    assert (unfolded - expected).abs().max() > 100 * ATOL
+
+
+def test_artifact_adapter_is_the_folded_b_times_m(module, config, artifact_dir):
+    artifact = read_artifact(artifact_dir)
+    mixers = module.model.mixers(config).detach()
+    for i, (name, layer) in enumerate(zip(module.model.space.names, module.model.layers)):
+        lora_a, lora_b = artifact.adapter[name]
+        assert torch.equal(lora_a, layer.lora_A.detach())
+        assert torch.allclose(lora_b, layer.lora_B.detach() @ mixers[i], atol=1e-7)
+        assert (lora_b - layer.lora_B.detach()).abs().max() > 1e-3  # M is far from I
+
+
+def test_artifact_keeps_packed_weights_that_dequantize_to_the_training_weights(module, config, artifact_dir):
+    artifact = read_artifact(artifact_dir)
+    weights = target_weights(module.model.backbone, module.model.space.targets)
+    assert artifact.qconfig == config
+    for name, packed in artifact.packed.items():
+        assert packed.codes.dtype == torch.uint8 and packed.scale_codes.dtype == torch.uint8
+        assert torch.equal(packed.dequantize(), fake_quantize(weights[name], config.matrices[name]))
+
+
+def test_artifact_size_matches_avg_bits_and_the_full_precision_parts(module, config, artifact_dir):
+    meta = json.loads((artifact_dir / METADATA_FILE).read_text())
+    space = module.model.space
+    state = module.model.backbone.state_dict()
+    lora = sum(state[f"{n}.lora_{p}"].numel() * 4 for n in space.names for p in "AB")
+    full = sum(v.numel() * 4 for k, v in state.items() if not k.endswith(("lora_A", "lora_B"))) - sum(
+        t.numel * 4 for t in space.targets
+    )
+    predicted = space.avg_bits(config) * space.total_numel / 8 + full + lora
+    on_disk = sum(
+        (artifact_dir / f).stat().st_size for f in (QUANTIZED_FILE, ADAPTER_FILE, FULL_PRECISION_FILE)
+    )
+    assert abs(on_disk - predicted) <= 0.02 * predicted
+    # the packed payload is exactly what the options promise, and within 2% of avg_bits alone
+    exact = sum(packed_nbytes(config.matrices[t.name], t.numel) for t in space.targets)
+    assert meta["sizes"]["quantized"] == exact
+    assert abs(exact - space.avg_bits(config) * space.total_numel / 8) <= 0.02 * exact
+    assert meta["sizes"]["adapter"] == lora and meta["avg_bits"] == pytest.approx(space.avg_bits(config))
+    assert meta["label_names"] == ["negative", "positive"] and meta["fingerprint"] == module.fingerprint
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        QuantOption(2, 2, "bf16", 64, 256),
+        QuantOption(3, 4, "fp16", 16, 16),
+        QuantOption(8, 8, "fp32", 32, 64),
+    ],
+)
+def test_packed_nbytes_is_exact(option):
+    from coalora.quantizer import quantize
+
+    weight = torch.randn(37, 53)  # no multiple of any block size
+    assert quantize(weight, option).nbytes == packed_nbytes(option, weight.numel())
+
+
+def test_predict_gives_labels_and_probabilities_from_raw_text(artifact_dir, batch):
+    model = load(artifact_dir)
+    predictions = model.predict(TEXTS)
+    probs = model.logits(batch).softmax(-1)
+    assert [p["label"] for p in predictions] == [["negative", "positive"][int(i)] for i in probs.argmax(-1)]
+    for p, row in zip(predictions, probs):
+        assert sum(p["probabilities"].values()) == pytest.approx(1.0)
+        assert p["probability"] == pytest.approx(float(row.max()), abs=1e-6)
+
+
+def test_reexport_replaces_a_previous_artifact(module, workdir, artifact_dir):
+    out = workdir / "again"
+    export(module, out, budget=3.0)
+    export(module, out, budget=3.0)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in artifact_dir.iterdir())
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".again.")]  # no temporary leftovers
+
+
+# ---------------------------------------------------------------------------------------- byte budgets
+
+
+def test_byte_budget_picks_the_configuration_that_fits(module, workdir, artifact_dir):
+    weights_at_3 = json.loads((artifact_dir / METADATA_FILE).read_text())["sizes"]["weights"]
+    roomy = export(module, workdir / "bytes", max_bytes=weights_at_3 + 2000)
+    assert weights_at_3 < roomy.metadata["sizes"]["weights"] <= weights_at_3 + 2000
+    assert roomy.metadata["avg_bits"] > 3.0 and "byte budget" in roomy.metadata["configuration"]
+    tight = export(module, workdir / "bytes-tight", max_bytes=weights_at_3)  # the 3.0-bit model just fits
+    assert weights_at_3 - 64 <= tight.metadata["sizes"]["weights"] <= weights_at_3
+    assert tight.metadata["avg_bits"] < roomy.metadata["avg_bits"]
+    loaded = load(workdir / "bytes-tight")
+    assert loaded.metadata["budget"] == tight.resolution.budget
+
+
+def test_byte_budget_nothing_fits(module, workdir):
+    with pytest.raises(CoaloraError, match=r"no configuration fits.*raise --max-bytes"):
+        export(module, workdir / "nothing", max_bytes=1_000_000)
+    assert not (workdir / "nothing").exists()
+
+
+# -------------------------------------------------------------------------------------- in-process serve
+
+
+def test_adaptive_model_switches_configurations_like_the_module(
+    ckpt, module, config, other_config, batch, workdir
+):
+    served = AdaptiveModel.from_checkpoint(ckpt)
+    path = workdir / "other.json"
+    other_config.save(path)
+    for target, expected_config in ((3.0, config), (path, other_config), (config, config)):
+        got_config = served.adapt(target)
+        assert got_config == expected_config
+        assert torch.allclose(served.logits(batch), module_logits(module, batch, expected_config), atol=ATOL)
+    assert set(served.last_timings) == {"resolve", "quantize", "mapper"}
+    misses = served.module.model.cache.misses
+    served.adapt(other_config)  # seen before: nothing is quantized again
+    assert served.module.model.cache.misses == misses
+    assert [p["label"] for p in served.predict(TEXTS)] == [
+        ["negative", "positive"][int(i)] for i in served.logits(batch).argmax(-1)
+    ]
+
+
+def test_adaptive_model_export_matches_its_live_logits(ckpt, other_config, batch, workdir):
+    served = AdaptiveModel.from_checkpoint(ckpt)
+    served.adapt(other_config)
+    live = served.logits(batch)
+    served.adapt(3.0)
+    served.export(other_config, workdir / "served")
+    assert torch.allclose(load(workdir / "served").logits(batch), live, atol=ATOL)
+    assert served.config is not None and served.avg_bits == pytest.approx(3.0, abs=1e-3)  # live one unchanged
+
+
+def test_adaptive_model_rejects_an_unknown_target(ckpt):
+    with pytest.raises(CoaloraError, match="cannot adapt to a dict"):
+        AdaptiveModel.from_checkpoint(ckpt).adapt({"bits": 3})
+
+
+# ------------------------------------------------------------------------------------------------ peft
+
+
+def test_peft_export_runs_in_plain_peft_with_the_same_logits(module, config, batch, workdir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    out = workdir / "peft"
+    export(module, out, budget=3.0, format="peft")
+    base = AutoModelForSequenceClassification.from_pretrained(out / "base")
+    with torch.no_grad():  # the head must come from the adapter (modules_to_save), not from the base
+        base.classifier.weight.normal_()
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        got = model(**batch).logits
+    assert torch.allclose(got, module_logits(module, batch, config), atol=ATOL)
+    keys = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert any("classifier" in k for k in keys) and sum("lora_A" in k for k in keys) == len(
+        module.model.space
+    )
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_adapt_prints_sizes_and_timings(ckpt, workdir, capsys):
+    from coalora.cli import main
+
+    assert main(["adapt", "--ckpt", str(ckpt), "--budget", "3.0", "--out", str(workdir / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "quantized" in out and "mapper" in out and "load checkpoint" in out
+    assert load(workdir / "cli").avg_bits == pytest.approx(3.0, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-bytes", "12parsecs"], "is not a byte count"),
+        ([], "choose one with --budget, --qconfig or --max-bytes"),
+        (["--budget", "1.0"], "outside the achievable range"),
+    ],
+)
+def test_cli_bad_input_is_one_line(ckpt, workdir, capsys, extra, message):
+    from coalora.cli import main
+
+    assert main(["adapt", "--ckpt", str(ckpt), "--out", str(workdir / "bad"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (workdir / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------ bad configs
+
+
+def _mangled(config: QConfig, how: str) -> dict:
+    data = config.to_json()
+    names = list(data["matrices"])
+    if how == "backbone":
+        data["model"] = "roberta-large"
+    elif how == "missing":
+        del data["matrices"][names[0]]
+    else:
+        data["matrices"]["bert.encoder.layer.9.attention.self.query"] = data["matrices"][names[0]]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("backbone", "written for backbone 'roberta-large'"),
+        ("missing", "is missing target module"),
+        ("extra", "does not have"),
+    ],
+)
+def test_bad_qconfig_is_refused(module, config, workdir, how, message):
+    path = workdir / f"bad-{how}.json"
+    path.write_text(json.dumps(_mangled(config, how)))
+    with pytest.raises(CoaloraError, match=message):
+        export(module, workdir / f"out-{how}", qconfig=path)
+    assert not (workdir / f"out-{how}").exists()
+
+
+# --------------------------------------------------------------------------------------- bad artifacts
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_safetensors_is_refused(artifact_dir, tmp_path):
+    folder = _copy(artifact_dir, tmp_path / "a")
+    path = folder / QUANTIZED_FILE
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CoaloraError, match=r"quantized.safetensors' has .* expected \(truncated\?\)"):
+        load(folder)
+    # even when the metadata is edited to agree, safetensors' own check fails with a one-line error
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    meta["files"][QUANTIZED_FILE]["bytes"] = path.stat().st_size
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CoaloraError, match=r"quantized\.safetensors cannot be read"):
+        load(folder, verify=False)
+
+
+def test_broken_metadata_json_is_refused(artifact_dir, tmp_path):
+    folder = _copy(artifact_dir, tmp_path / "a")
+    (folder / METADATA_FILE).write_text('{"format": "coalora.artifact/1", ')
+    with pytest.raises(CoaloraError, match="is not valid JSON"):
+        load(folder)
+
+
+def test_flipped_byte_fails_the_checksum(artifact_dir, tmp_path):
+    folder = _copy(artifact_dir, tmp_path / "a")
+    data = bytearray((folder / ADAPTER_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (folder / ADAPTER_FILE).write_bytes(bytes(data))
+    with pytest.raises(CoaloraError, match="does not match its checksum"):
+        load(folder)
+
+
+@pytest.mark.parametrize(
+    ("file", "key"),
+    [
+        (QUANTIZED_FILE, "bert.encoder.layer.1.output.dense.scale2"),
+        (ADAPTER_FILE, "bert.encoder.layer.0.attention.self.key.lora_B"),
+        (FULL_PRECISION_FILE, "bert.embeddings.LayerNorm.weight"),
+    ],
+)
+def test_missing_tensor_is_refused(artifact_dir, tmp_path, file, key):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(artifact_dir, tmp_path / "a")
+    tensors = load_file(folder / file)
+    del tensors[key]
+    save_file(tensors, folder / file)
+    meta = json.loads((folder / METADATA_FILE).read_text())
+    meta["files"][file]["bytes"] = (folder / file).stat().st_size
+    (folder / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CoaloraError, match=f"misses tensor '{key}'|tensor '{key}' is missing"):
+        load(folder, verify=False)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(CoaloraError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(CoaloraError, match="is not a coalora artifact"):
+        load(tmp_path)
+
+
+# ------------------------------------------------------------------------------ output folder handling
+
+
+def test_existing_foreign_folder_is_never_clobbered(module, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(CoaloraError, match="is not a coalora export"):
+        export(module, out, budget=3.0)
+    assert (out / "thesis.tex").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_failure_midway_leaves_no_partial_artifact(module, tmp_path):
+    class Exploding:
+        def save_pretrained(self, folder: Path) -> None:
+            (Path(folder) / "half.json").write_text("{")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export(module, tmp_path / "out", budget=3.0, tokenizer=Exploding())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_reexport_keeps_the_previous_artifact(module, artifact_dir, tmp_path):
+    out = _copy(artifact_dir, tmp_path / "out")
+
+    class Exploding:
+        def save_pretrained(self, folder: Path) -> None:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        export(module, out, budget=3.0, tokenizer=Exploding())
+    assert sorted(os.listdir(out)) == sorted(os.listdir(artifact_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# -------------------------------------------------------------------------------------- other methods
+
+
+def test_checkpoint_of_another_backbone_is_refused(ckpt, tmp_path):
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["coalora"]["fingerprint"] = "0" * 16
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    with pytest.raises(CoaloraError, match="trained on another backbone"):
+        load_module(tmp_path / "other.ckpt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "x.ckpt").write_bytes(b"not a zip")
+    with pytest.raises(CoaloraError, match="cannot read checkpoint"):
+        load_module(tmp_path / "x.ckpt")
+    with pytest.raises(CoaloraError, match="does not exist"):
+        load_module(tmp_path / "y.ckpt")
+
+
+@pytest.mark.parametrize("method", ["qlora", "lqlora"])
+def test_single_configuration_methods_export_only_their_own(
+    method, module, config, other_config, batch, tiny_models_dir, tmp_path
+):
+    own = tmp_path / "own.json"
+    config.save(own)
+    path = _method_ckpt(tmp_path / "m.ckpt", str(tiny_models_dir / "tiny-bert"), method, qconfig=str(own))
+    trained = load_module(path)
+    report = export(trained, tmp_path / "out")  # no configuration given: its own
+    assert report.resolution.source == "its own configuration"
+    expected = module_logits(trained, batch, trained.train_configs[0])
+    assert torch.allclose(load(tmp_path / "out").logits(batch), expected, atol=ATOL)
+    export(trained, tmp_path / "same", qconfig=own)  # asking for it explicitly is fine
+    with pytest.raises(CoaloraError, match=f"{method} adapter trained for one configuration"):
+        export(trained, tmp_path / "other", qconfig=other_config)
+    served = AdaptiveModel.from_checkpoint(path)
+    assert torch.allclose(served.logits(batch), expected, atol=ATOL)
+    with pytest.raises(CoaloraError, match="needs its own adapter"):
+        served.adapt(other_config)
+
+
+def test_fp_checkpoint_exports_in_full_precision_only(tiny_models_dir, batch, tmp_path):
+    path = _method_ckpt(tmp_path / "fp.ckpt", str(tiny_models_dir / "tiny-bert"), "fp")
+    trained = load_module(path)
+    with pytest.raises(CoaloraError, match="full-precision LoRA"):
+        export(trained, tmp_path / "q", budget=3.0)
+    report = export(trained, tmp_path / "out")
+    assert report.metadata["avg_bits"] == 32.0 and not (tmp_path / "out" / QUANTIZED_FILE).exists()
+    assert report.metadata["predicted_weights"] == report.metadata["sizes"]["weights"]
+    expected = module_logits(trained, batch, None)
+    assert torch.allclose(load(tmp_path / "out").logits(batch), expected, atol=ATOL)
+
+
+def test_shared_checkpoint_serves_any_configuration(
+    module, config, other_config, batch, tiny_models_dir, tmp_path
+):
+    from coalora.module import CoALoRAModule
+
+    torch.manual_seed(2)
+    shared = CoALoRAModule(
+        model_name=str(tiny_models_dir / "tiny-bert"), method="shared", rank=4, eval_budgets=[]
+    )
+    shared.eval_configs, shared.train_configs = {"3.0": config}, [config]
+    with torch.no_grad():
+        for layer in shared.model.layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+    checkpoint = {"state_dict": shared.state_dict(), "hyper_parameters": dict(shared.hparams)}
+    shared.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "shared.ckpt")
+    trained = load_module(tmp_path / "shared.ckpt")
+    with pytest.raises(CoaloraError, match="choose one with --budget"):
+        export(trained, tmp_path / "none")
+    export(trained, tmp_path / "out", qconfig=other_config)
+    expected = module_logits(trained, batch, other_config)
+    assert torch.allclose(load(tmp_path / "out").logits(batch), expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_other_backbones_round_trip_through_artifact_and_peft(kind, tiny_models_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from coalora.module import CoALoRAModule
+
+    name = str(tiny_models_dir / f"tiny-{kind}")
+    torch.manual_seed(3)
+    module = CoALoRAModule(model_name=name, rank=4, train_budgets=[], eval_budgets=[]).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(module.model.mapper.net[-1].weight, std=0.05)
+        for layer in module.model.layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+    config = module.model.space.uniform(QuantOption(3, 4, "fp16", 32, 64))
+    batch = dict(load_tokenizer(name)(TEXTS, padding=True, return_tensors="pt"))
+    expected = module_logits(module, batch, config)
+    export(module, tmp_path / "artifact", qconfig=config)
+    assert torch.allclose(load(tmp_path / "artifact").logits(batch), expected, atol=ATOL)
+    export(module, tmp_path / "peft", qconfig=config, format="peft")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "peft" / "base")
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()(**batch).logits
+    assert torch.allclose(got, expected, atol=ATOL)
