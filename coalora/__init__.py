@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):  # noqa: ANN202 - module-level lazy attribute
+def __getattr__(name: str):  # module-level lazy attribute (PEP 562)
     """``coalora.load`` without importing torch and transformers on ``import coalora``."""
     if name == "load":
         from coalora.export import load

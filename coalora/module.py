@@ -237,8 +237,8 @@ class CoALoRAModule(L.LightningModule):
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save what training changed (LoRA, mapper, head) and the configuration sets, not the frozen backbone:
-        loading rebuilds it from ``model_name`` and checks the weights' fingerprint."""
+        """Save what training changed (LoRA, mapper, head) and the configuration sets, not the frozen
+        backbone: loading rebuilds it from ``model_name`` and checks the weights' fingerprint."""
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["coalora"] = {
