@@ -28,6 +28,7 @@ from coalora.errors import CoaloraError
 from coalora.options import OPTION_SPACE, QuantOption
 from coalora.qconfig import ConfigSpace, QConfig
 from coalora.quantizer import _double_quantize_scales
+from coalora.threads import intra_op_threads
 
 #: The paper's evaluation budgets; none of them is on the default training grid.
 EVAL_BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
@@ -72,23 +73,14 @@ def error_table(
     for k, option in enumerate(options):
         groups.setdefault((option.block, option.scale_bits, option.scale2_dtype, option.block2), []).append(k)
     table = torch.empty(len(names), len(options), dtype=torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see the docstring
-    try:
-        with torch.no_grad():
-            for block in sorted({key[0] for key in groups}):
-                matrices = [
-                    _Blocked.of(weights[n], None if fisher is None else fisher[n], block) for n in names
-                ]
-                for key, columns in groups.items():
-                    if key[0] == block:
-                        group = [options[k] for k in columns]
-                        for i, matrix in enumerate(matrices):
-                            table[i, columns] = torch.tensor(
-                                matrix.errors(group, lookup), dtype=torch.float64
-                            )
-    finally:
-        torch.set_num_threads(threads)
+    with intra_op_threads(1), torch.no_grad():  # one thread: see the docstring
+        for block in sorted({key[0] for key in groups}):
+            matrices = [_Blocked.of(weights[n], None if fisher is None else fisher[n], block) for n in names]
+            for key, columns in groups.items():
+                if key[0] == block:
+                    group = [options[k] for k in columns]
+                    for i, matrix in enumerate(matrices):
+                        table[i, columns] = torch.tensor(matrix.errors(group, lookup), dtype=torch.float64)
     return table
 
 

@@ -44,6 +44,7 @@ from coalora.model import head_parameter_names
 from coalora.options import TORCH_DTYPES, QuantOption
 from coalora.qconfig import ConfigSpace, QConfig
 from coalora.quantizer import PackedTensor, fake_quantize, quantize
+from coalora.threads import intra_op_threads
 
 FORMAT = "coalora.artifact/1"
 METADATA_FILE = "coalora.json"
@@ -56,24 +57,6 @@ REEXPORT = "re-export it with `coalora adapt`"
 
 
 # ------------------------------------------------------------------------------------------------ sizes
-
-
-@contextlib.contextmanager
-def intra_op_threads(count: int | None) -> Iterator[None]:
-    """Limit torch's CPU threads for a block (None: leave them as they are).
-
-    Quantizing a few dozen matrices is a chain of short elementwise ops that gains little from a second
-    thread, and OpenMP's barriers make it many times slower whenever another process holds a core.
-    """
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def first_line(err: BaseException) -> str:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +39,7 @@ from torch import Tensor
 from coalora.errors import CoaloraError
 from coalora.options import FIELD_SIZES
 from coalora.qconfig import ConfigSpace
+from coalora.threads import intra_op_threads
 
 CANDIDATE_METHODS = ("coordinate", "botorch")
 #: Relative margin of the reference point beyond the worst observation in each objective.
@@ -395,7 +395,7 @@ def propose(
     scored = archive.f1.isfinite().nonzero().squeeze(1)
     if len(scored) == 0 or settings.num_starts < 1:
         return empty
-    with limited_threads(settings.threads):
+    with intra_op_threads(settings.threads):
         found = _climb(space, archive, _fit_rows(scored, keep, settings.max_fit_points), generator, settings)
     known = archive.keys()
     unique: dict[bytes, Tensor] = {}
@@ -419,17 +419,6 @@ def _climb(
     if settings.candidate_method == "coordinate":
         return coordinate_ascent(batched(acq), starts, tops, settings.max_steps)
     return botorch_local_search(acq, starts, tops, seed)
-
-
-@contextmanager
-def limited_threads(count: int) -> Iterator[None]:
-    """Run the block on ``count`` torch threads, then restore the previous number."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _fit_rows(scored: Tensor, keep: Tensor | None, cap: int) -> Tensor:

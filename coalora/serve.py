@@ -32,7 +32,6 @@ from coalora.export import (
     check_replaceable,
     first_line,
     fixed_nbytes,
-    intra_op_threads,
     packed_nbytes,
     predict_texts,
     quantized_nbytes,
@@ -42,6 +41,7 @@ from coalora.export import (
 from coalora.glue import get_task
 from coalora.options import OPTION_SPACE
 from coalora.qconfig import QConfig
+from coalora.threads import intra_op_threads
 
 #: methods whose adapter was trained for exactly one configuration
 FIXED_METHODS = ("qlora", "lqlora")
