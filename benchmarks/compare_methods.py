@@ -164,7 +164,7 @@ def table2(rows: list[dict], records: dict[str, dict]) -> dict[str, dict]:
         gaps = [100 * (per_budget[b] - qlora[b]) for b in per_budget if b in qlora]
         seconds = sum(rec["train_seconds"] for name, rec in records.items() if name.split("@")[0] == method)
         summary[method] = {
-            "configs_trained_for": {"qlora": 4, "lqlora": 4, "fp": 0}.get(method, "any"),
+            "configs_trained_for": {"qlora": 4, "lqlora": 4, "fp": "fp only (ceiling)"}.get(method, "any"),
             "accuracy_at": {b: round(v, 4) for b, v in sorted(per_budget.items())},
             "mean_accuracy": round(sum(per_budget.values()) / len(per_budget), 4),
             "hypervolume": round(hypervolume(points), 4) if method != "fp" else None,
@@ -220,9 +220,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small slices: ≤ 15 min on a 2-core CPU")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", nargs="*", default=None, help="run only these runs (names as in the plan)")
+    parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     args = parser.parse_args()
     cfg = settings(args.quick)
     suffix = "_quick" if args.quick else ""
+    if args.epochs is not None and args.epochs != cfg["epochs"]:
+        cfg["epochs"] = args.epochs
+        suffix += f"_e{args.epochs}"
     root = REPO / "runs" / f"compare{suffix.replace('_', '-')}"
     start = time.perf_counter()
     records, rows = {}, []
@@ -234,7 +238,7 @@ def main() -> None:
     summary = table2(rows, records)
     result = {
         "machine": f"{os.cpu_count()} CPU cores (this repo's dev machine); see docs/results.md",
-        "command": "python benchmarks/compare_methods.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:]),
         "settings": cfg,
         "table2": summary,
         "unseen_random": unseen_summary(rows),
