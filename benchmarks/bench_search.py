@@ -31,6 +31,7 @@ from coalora import search  # noqa: E402
 from coalora.backbone import DEFAULT_MODEL, TargetMatrix  # noqa: E402
 from coalora.fisher import quiet_transformers  # noqa: E402
 from coalora.qconfig import ConfigSpace  # noqa: E402
+from coalora.threads import intra_op_threads  # noqa: E402
 
 SHAPES = {
     "minilm_l6": (6, 384, 1536),  # blocks, hidden, intermediate
@@ -69,7 +70,7 @@ def time_round(space: ConfigSpace, archive_size: int, method: str, seed: int) ->
     archive.add(encoded, space.avg_bits_encoded(encoded))
     archive.f1 = proxy_f1(space, archive.encoded)
     settings = search.SearchSettings(candidate_method=method)
-    with search.limited_threads(settings.threads):  # as propose() runs it
+    with intra_op_threads(settings.threads):  # as propose() runs it
         start = time.perf_counter()
         search.fit_gp(space.normalise(archive.encoded), archive.f1, settings.gp_maxiter)
         fit = time.perf_counter() - start
@@ -147,7 +148,7 @@ def main() -> None:
         default = torch.get_num_threads()
         result["scoring"] = {}
         for threads in dict.fromkeys((1, default)):
-            with search.limited_threads(threads):
+            with intra_op_threads(threads):
                 result["scoring"][f"threads_{threads}"] = bench_scoring()
     text = json.dumps(result, indent=1)
     print(text)
