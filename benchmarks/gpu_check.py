@@ -31,12 +31,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from coalora.model import CoALoRAModel  # noqa: E402
 
 SHAPES = {
-    "roberta_large": dict(kind="roberta", hidden=1024, layers=24, heads=16, inner=4096, rank=64, batch=64, length=128),
-    "llama2_7b": dict(kind="llama", hidden=4096, layers=32, heads=32, inner=11008, rank=64, batch=8, length=256),
+    "roberta_large": dict(
+        kind="roberta", hidden=1024, layers=24, heads=16, inner=4096, rank=64, batch=64, length=128
+    ),
+    "llama2_7b": dict(
+        kind="llama", hidden=4096, layers=32, heads=32, inner=11008, rank=64, batch=8, length=256
+    ),
 }
 TINY = {
-    "roberta_large": dict(kind="roberta", hidden=64, layers=2, heads=4, inner=128, rank=8, batch=4, length=16),
-    "llama2_7b": dict(kind="llama", hidden=64, layers=2, heads=4, inner=128, rank=8, batch=4, length=16),
+    name: dict(shape, hidden=64, layers=2, heads=4, inner=128, rank=8, batch=4, length=16)
+    for name, shape in SHAPES.items()
 }
 
 
@@ -59,7 +63,7 @@ def build(shape: dict, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
-def timed(fn, device: torch.device) -> float:  # noqa: ANN001
+def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -97,8 +101,11 @@ def check_shape(name: str, shape: dict, device: torch.device, steps: int) -> dic
     cold = [timed(lambda c=c: model.set_config(c), device) for c in configs]  # quantize into the cache
     warm = [timed(lambda c=c: model.set_config(c), device) for c in configs]
     mapper = [timed(lambda c=c: model.mixers(c), device) for c in configs]
-    kinds = {"qlora": lambda i: [fixed], "coalora_k1": lambda i: [configs[i % 8]],
-             "coalora_k2": lambda i: [configs[i % 8], configs[(i + 3) % 8]]}  # fmt: skip
+    kinds = {
+        "qlora": lambda i: [fixed],
+        "coalora_k1": lambda i: [configs[i % 8]],
+        "coalora_k2": lambda i: [configs[i % 8], configs[(i + 3) % 8]],
+    }
     times: dict[str, list[float]] = {k: [] for k in kinds}
     peak: dict[str, float] = {}
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -128,9 +135,6 @@ def check_shape(name: str, shape: dict, device: torch.device, steps: int) -> dic
             "mapper_median": round(1000 * statistics.median(mapper), 3),
         },
     }
-    del model, backbone, optimizer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -161,6 +165,8 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         result["shapes"][name] = check_shape(name, shape, device, args.steps)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the shape's model is gone with check_shape's frame
         print(json.dumps({name: result["shapes"][name]}), flush=True)
     result["search_round_roberta_large_shape"] = search_round(args.tiny)
     result["wall_s"] = round(time.perf_counter() - start, 1)
