@@ -33,27 +33,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import sst2_batch  # noqa: E402
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from coalora.export import intra_op_threads, load  # noqa: E402
-from coalora.glue import default_glue_dir, read_rows  # noqa: E402
+from coalora.export import load  # noqa: E402
 from coalora.module import CoALoRAModule  # noqa: E402
 from coalora.serve import AdaptiveModel, export  # noqa: E402
+from coalora.threads import intra_op_threads  # noqa: E402
 
 SST2_TRAIN_SENTENCES = 6920
-
-
-def _batch(tokenizer, batch_size: int, length: int) -> dict:
-    glue = default_glue_dir() or Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
-    rows = read_rows(glue / "sst2" / "sentence" / "stsa.binary.train", "sst2")[:batch_size]
-    enc = tokenizer(
-        [r["sentence"] for r in rows],
-        truncation=True,
-        max_length=length,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    return {**enc, "labels": torch.tensor([r["label"] for r in rows])}
 
 
 def _ms(seconds: float) -> float:
@@ -184,7 +174,7 @@ def main() -> None:
         for layer in module.model.layers:
             torch.nn.init.normal_(layer.lora_B, std=0.02)
     tokenizer = load_tokenizer(DEFAULT_MODEL)
-    batch = _batch(tokenizer, 32, 64)
+    batch = sst2_batch(tokenizer, 32, 64)
     skip = ("lora_A", "lora_B")
     fp32_bytes = sum(
         v.numel() * 4 for k, v in module.model.backbone.state_dict().items() if not k.endswith(skip)

@@ -10,7 +10,6 @@ errors that fall with bits, with noise, so that most options stay non-dominated.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,6 +21,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import write_result  # noqa: E402
 
 from coalora.allocator import EVAL_BUDGETS, allocate, error_table  # noqa: E402
 from coalora.backbone import DEFAULT_MODEL, TargetMatrix, discover_targets, load_classifier, target_weights  # noqa: E402
@@ -98,11 +100,7 @@ def main() -> None:
         "roberta_large_144x432_allocation_seconds": {str(b): round(s, 3) for b, s in large_s.items()},
         "roberta_large_target_seconds": 10,
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    out = REPO / "docs" / "bench" / "allocator.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_result("allocator", result)
 
 
 if __name__ == "__main__":

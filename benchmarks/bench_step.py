@@ -11,7 +11,6 @@ the cold cost of a configuration's first use is reported separately.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,25 +21,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import sst2_batch, write_result  # noqa: E402
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from coalora.glue import default_glue_dir, read_rows  # noqa: E402
 from coalora.module import CoALoRAModule  # noqa: E402
-
-
-def _batch(batch_size: int, length: int) -> dict:
-    glue = default_glue_dir() or Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
-    rows = read_rows(glue / "sst2" / "sentence" / "stsa.binary.train", "sst2")[:batch_size]
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
-    enc = tokenizer(
-        [r["sentence"] for r in rows],
-        truncation=True,
-        max_length=length,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    enc["labels"] = torch.tensor([r["label"] for r in rows])
-    return dict(enc)
 
 
 def _step(module: CoALoRAModule, optimizer, batch: dict, configs: list) -> float:
@@ -62,7 +48,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
     torch.manual_seed(0)
-    batch = _batch(args.batch_size, args.length)
+    batch = sst2_batch(load_tokenizer(DEFAULT_MODEL), args.batch_size, args.length)
     qlora = CoALoRAModule(method="qlora", train_budget=3.0, rank=args.rank)
     coalora = CoALoRAModule(method="coalora", rank=args.rank)
     runs = {"qlora": (qlora, 1), "coalora_k1": (coalora, 1), "coalora_k2": (coalora, 2)}
@@ -99,10 +85,7 @@ def main() -> None:
         "quant_cache_entries": len(coalora.model.cache),
         "train_configs": len(coalora.train_configs),
     }
-    out = REPO / "docs" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"step_{args.precision}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result(f"step_{args.precision}", result)
 
 
 def _configs(module: CoALoRAModule, k: int, generator: torch.Generator) -> list:
