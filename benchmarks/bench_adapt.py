@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import statistics
@@ -35,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import sst2_batch  # noqa: E402
+from common import sst2_batch, write_result  # noqa: E402
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from coalora.export import load  # noqa: E402
@@ -201,10 +200,7 @@ def main() -> None:
         "fp32_model_bytes": fp32_bytes,
         "artifacts": artifacts,
     }
-    out = REPO / "docs" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapt.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result("adapt", result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ them alike; medians are reported. The baseline is the least a block-wise 4-bit r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import write_result  # noqa: E402
 
 from coalora.backbone import DEFAULT_MODEL, discover_targets, load_classifier, target_weights  # noqa: E402
 from coalora.fisher import quiet_transformers  # noqa: E402
@@ -81,11 +83,7 @@ def main() -> None:
                 n: round(v / base, 2) for n, v in ms.items() if n != "torch_absmax_int4"
             },
         }
-    text = json.dumps(result, indent=1)
-    print(text)
-    out = REPO / "docs" / "bench" / "quantizer.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_result("quantizer", result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ default, since OpenMP threads that share busy cores slow it down many times over
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from common import write_result  # noqa: E402
 
 from callbacks.pareto_search import _eval_mode, mean_loss  # noqa: E402
 from coalora import search  # noqa: E402
@@ -150,11 +152,7 @@ def main() -> None:
         for threads in dict.fromkeys((1, default)):
             with intra_op_threads(threads):
                 result["scoring"][f"threads_{threads}"] = bench_scoring()
-    text = json.dumps(result, indent=1)
-    print(text)
-    out = REPO / "docs" / "bench" / "search.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_result("search", result)
 
 
 if __name__ == "__main__":
