@@ -51,5 +51,5 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: each prints JSON and writes it under docs/bench/."""
     _install(session)
     for script in sorted(os.listdir("benchmarks")):
-        if script.startswith("bench_") and script.endswith(".py"):
+        if (script.startswith("bench_") or script == "throughput.py") and script.endswith(".py"):
             session.run("python", f"benchmarks/{script}", env=ENV)

@@ -29,7 +29,8 @@ from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from coalora.module import CoALoRAModule  # noqa: E402
 
 
-def _step(module: CoALoRAModule, optimizer, batch: dict, configs: list) -> float:
+def train_step(module: CoALoRAModule, optimizer, batch: dict, configs: list) -> float:
+    """One optimiser step over the mean loss of ``configs``; returns its wall time."""
     start = time.perf_counter()
     loss = sum(module.loss(module(batch, c), batch["labels"]) for c in configs) / len(configs)
     loss.backward()
@@ -63,10 +64,12 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         for module, k in runs.values():  # one untimed warm-up step each
-            _step(module, optimizers[module], batch, _configs(module, k, generator))
+            train_step(module, optimizers[module], batch, step_configs(module, k, generator))
         for _ in range(args.steps):
             for name, (module, k) in runs.items():
-                times[name].append(_step(module, optimizers[module], batch, _configs(module, k, generator)))
+                times[name].append(
+                    train_step(module, optimizers[module], batch, step_configs(module, k, generator))
+                )
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -88,7 +91,10 @@ def main() -> None:
     write_result(f"step_{args.precision}", result)
 
 
-def _configs(module: CoALoRAModule, k: int, generator: torch.Generator) -> list:
+def step_configs(module: CoALoRAModule, k: int, generator: torch.Generator) -> list:
+    """The configurations of one step: K random training ones for CoA-LoRA, the method's own otherwise."""
+    if module.hparams.method == "fp":
+        return [None]
     if module.hparams.method != "coalora":
         return [module.train_configs[0]]
     picks = torch.randperm(len(module.train_configs), generator=generator)[:k]

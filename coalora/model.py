@@ -55,6 +55,11 @@ class QuantCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached dequantized weights."""
+        return self._bytes
+
 
 def inject_lora(
     model: nn.Module, targets: list[TargetMatrix], rank: int, alpha: float, dropout: float

@@ -118,7 +118,7 @@ def test_cache_respects_its_memory_bound():
     cache = QuantCache(max_bytes=40_000)
     for bits in (2, 3, 4, 8):
         cache.get("w", QuantOption(bits, 8, "fp32", 64, 256), weight)
-    assert len(cache) == 2 and cache._bytes <= 40_000
+    assert len(cache) == 2 and cache.nbytes <= 40_000
 
 
 def test_full_precision_config_restores_the_base(tiny):
