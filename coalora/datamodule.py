@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer
 from coalora.errors import CoaloraError
@@ -35,6 +35,31 @@ _PADDED_KEYS: tuple[tuple[str, int | None], ...] = (
     ("attention_mask", 0),
     ("token_type_ids", 0),
 )
+
+
+class EpochShuffler(RandomSampler):
+    """A shuffling sampler whose order is a function of (seed, epoch) only.
+
+    A seeded ``RandomSampler`` continues one generator across epochs, so a run resumed from a checkpoint
+    replays epoch 0's order; Lightning calls ``set_epoch`` before every epoch (also on resume), and this
+    sampler reseeds from it. Subclassing ``RandomSampler`` keeps Lightning's DDP handling: it is swapped
+    for a ``DistributedSampler``, which is itself seeded per epoch.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=self.generator).tolist()
+
+    def __len__(self) -> int:
+        return len(self.data_source)
 
 
 class EncodedDataset(Dataset):
@@ -224,8 +249,9 @@ class GLUEDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            sampler=EpochShuffler(dataset, self.hparams.seed) if shuffle else None,
+            # seeds worker processes from this generator rather than from the global RNG
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             collate_fn=PadCollator(self.tokenizer.pad_token_id),
             num_workers=workers,
             persistent_workers=workers > 0,

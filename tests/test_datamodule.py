@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -80,6 +81,69 @@ def test_loaders_are_deterministic(stsa: GLUEDataModule) -> None:
     search = [torch.equal(a["input_ids"], b["input_ids"]) for a, b in pairs]
     assert len(search) == 8 and all(search)
     assert len(stsa.val_dataloader()) == len(stsa.test_dataloader()) == 2  # 100 dev rows in batches of 64
+
+
+def _order(loader) -> list[int]:
+    return list(iter(loader.sampler))
+
+
+@needs_data
+def test_shuffled_order_is_a_function_of_the_epoch(stsa: GLUEDataModule) -> None:
+    loader = stsa.train_dataloader()
+    epoch0 = _order(loader)
+    assert sorted(epoch0) == list(range(300)) and epoch0 != list(range(300))
+    assert _order(loader) == epoch0  # without set_epoch the order does not drift
+    loader.sampler.set_epoch(1)
+    epoch1 = _order(loader)
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
+    fresh = stsa.train_dataloader()
+    fresh.sampler.set_epoch(1)
+    assert _order(fresh) == epoch1  # what a resumed run sees
+    other = stsa_module(seed=7)
+    other.setup("fit")
+    assert _order(other.train_dataloader()) != epoch0
+
+
+class _BatchRecorder(L.LightningModule):
+    """Records the first tokens of every training batch per epoch; trains one throwaway weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).append(batch["input_ids"][:, 1].tolist())
+        return (self.weight * batch["labels"].float()).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@needs_data
+def test_a_resumed_run_sees_the_uninterrupted_runs_data_order(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs: int, root: Path, ckpt: str | None = None, saver: ModelCheckpoint | None = None):
+        module = _BatchRecorder()
+        L.Trainer(
+            max_epochs=epochs,
+            limit_train_batches=3,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=saver is not None,
+            callbacks=[saver] if saver else [],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(root),
+        ).fit(module, stsa_module(), ckpt_path=ckpt)
+        return module.seen
+
+    straight = fit(2, tmp_path / "a")
+    assert straight[0] != straight[1]
+    fit(1, tmp_path / "b", saver=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+    resumed = fit(2, tmp_path / "c", ckpt=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert list(resumed) == [1] and resumed[1] == straight[1]
 
 
 @needs_data

@@ -476,8 +476,8 @@ def test_callback_state_round_trips() -> None:
 
 
 def test_resumed_run_proposes_the_same_set(pristine, tiny_bert, glue_dir, tmp_path) -> None:
-    """lr = 0 keeps the weights fixed, isolating the search state from training nondeterminism (the
-    shuffled data order and dropout RNG are not restored by a Lightning checkpoint)."""
+    """lr = 0 keeps the weights fixed, isolating the search state from training nondeterminism (the data
+    order is restored, see test_datamodule, but the global dropout RNG is not in a Lightning checkpoint)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     whole = fresh(pristine, lr=0.0)
