@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from coalora.allocator import EVAL_BUDGETS, budget_grid, cached_allocate, cached_error_table
+from coalora.allocator import EVAL_BUDGETS, budget_grid, cached_allocate, cached_error_table, check_budget
 from coalora.backbone import DEFAULT_MODEL, load_classifier, target_weights, weights_fingerprint
 from coalora.errors import CoaloraError
 from coalora.glue import get_task, glue_metrics, main_metric, predictions_from_logits
@@ -90,44 +90,84 @@ class CoALoRAModule(L.LightningModule):
         )
         weights = target_weights(backbone, self.model.space.targets)
         self.fingerprint = weights_fingerprint(weights)
-        self.eval_configs: dict[str, QConfig | None] = {}
-        self.train_configs: list[QConfig] = []
-        self._allocate(weights)
-        self.metrics = nn.ModuleDict({_key(label): glue_metrics(task) for label in self.eval_configs})
+        self._eval_configs: dict[str, QConfig | None] | None = None
+        self._train_configs: list[QConfig] | None = None
+        self._error_table: torch.Tensor | None = None
+        if method != "fp":  # a bad budget fails now, not at the first (lazy) allocation
+            for budget in (
+                *self._budgets(),
+                *(train_budgets or []),
+                *([train_budget] if train_budget else []),
+            ):
+                check_budget(budget)
+        if method in ("fp", "qlora", "lqlora"):  # one configuration at most, and LQ-LoRA's init needs it now
+            self._allocate_fixed(weights)
+        labels = list(self._eval_configs) if self._eval_configs is not None else self._budget_labels()
+        self.metrics = nn.ModuleDict({_key(label): glue_metrics(task) for label in labels})
 
     # -- configurations ----------------------------------------------------------------------------------
-    def _allocate(self, weights: dict[str, torch.Tensor]) -> None:
-        hp = self.hparams
-        space = self.model.space
-        if hp.method == "fp":
-            self.eval_configs = {FP_LABEL: None}
-            return
-        table = None
+    # CoA-LoRA's and Shared-LoRA's sets are allocated on first use: a module loaded from a checkpoint gets
+    # them from the checkpoint and never runs the allocator (minutes on a fresh machine for the budget grid).
 
-        def at(budget: float) -> QConfig:
-            nonlocal table
-            if table is None:
-                table = cached_error_table(weights, family=hp.code_family)
-            return cached_allocate(space, table, budget)
+    @property
+    def eval_configs(self) -> dict[str, QConfig | None]:
+        """Evaluation configurations by label (the budget, or "fp")."""
+        if self._eval_configs is None:
+            self._eval_configs = {
+                label: self._at(b) for label, b in zip(self._budget_labels(), self._budgets())
+            }
+        return self._eval_configs
 
-        if hp.method in ("qlora", "lqlora"):
-            if hp.qconfig is not None:
-                config = space.load(hp.qconfig)
-                label = budget_label(space.avg_bits(config))
+    @eval_configs.setter
+    def eval_configs(self, configs: dict[str, QConfig | None]) -> None:
+        self._eval_configs = dict(configs)
+
+    @property
+    def train_configs(self) -> list[QConfig]:
+        """The configurations training draws from (the search callback replaces them between epochs)."""
+        if self._train_configs is None:
+            if self.hparams.method == "shared":
+                self._train_configs = list(self.eval_configs.values())
             else:
-                config, label = at(hp.train_budget), budget_label(hp.train_budget)
-            self.eval_configs = {label: config}
-            self.train_configs = [config]
-            if hp.method == "lqlora":
-                self._init_lqlora(config, weights)
+                grid = budget_grid() if self.hparams.train_budgets is None else self.hparams.train_budgets
+                self._train_configs = list(dict.fromkeys(self._at(b) for b in grid))
+        return self._train_configs
+
+    @train_configs.setter
+    def train_configs(self, configs: Sequence[QConfig]) -> None:
+        self._train_configs = list(configs)
+
+    def _budgets(self) -> tuple[float, ...]:
+        return EVAL_BUDGETS if self.hparams.eval_budgets is None else tuple(self.hparams.eval_budgets)
+
+    def _budget_labels(self) -> list[str]:
+        return [budget_label(b) for b in self._budgets()]
+
+    def _at(self, budget: float) -> QConfig:
+        """The allocated configuration for ``budget`` (error table and allocation cached on disk)."""
+        space = self.model.space
+        if self._error_table is None:
+            weights = {
+                n: layer.weight.detach() for n, layer in zip(space.names, self.model.layers, strict=True)
+            }
+            self._error_table = cached_error_table(weights, family=self.hparams.code_family)
+        return cached_allocate(space, self._error_table, budget)
+
+    def _allocate_fixed(self, weights: dict[str, torch.Tensor]) -> None:
+        """fp, QLoRA and LQ-LoRA: the one configuration they train and evaluate at."""
+        hp = self.hparams
+        if hp.method == "fp":
+            self._eval_configs, self._train_configs = {FP_LABEL: None}, []
             return
-        budgets = EVAL_BUDGETS if hp.eval_budgets is None else tuple(hp.eval_budgets)
-        self.eval_configs = {budget_label(b): at(b) for b in budgets}
-        if hp.method == "shared":
-            self.train_configs = list(self.eval_configs.values())
+        space = self.model.space
+        if hp.qconfig is not None:
+            config = space.load(hp.qconfig)
+            label = budget_label(space.avg_bits(config))
         else:
-            train_budgets = budget_grid() if hp.train_budgets is None else hp.train_budgets
-            self.train_configs = list(dict.fromkeys(at(b) for b in train_budgets))
+            config, label = self._at(hp.train_budget), budget_label(hp.train_budget)
+        self._eval_configs, self._train_configs = {label: config}, [config]
+        if hp.method == "lqlora":
+            self._init_lqlora(config, weights)
 
     def _init_lqlora(self, config: QConfig, weights: dict[str, torch.Tensor]) -> None:
         """Initialise A, B from LQ-LoRA's decomposition and pin Q(W − L) as the base weights."""

@@ -54,8 +54,32 @@ def test_methods_allocate_the_right_configurations(tiny_models_dir):
     assert _module(tiny_models_dir, method="fp").eval_configs == {"fp": None}
     with pytest.raises(CoaloraError, match="set train_budget or qconfig"):
         _module(tiny_models_dir, method="qlora")
-    with pytest.raises(CoaloraError, match="outside the achievable range"):
-        _module(tiny_models_dir, eval_budgets=[1.5])
+    for bad in (
+        {"eval_budgets": [1.5]},
+        {"train_budgets": [3.0, 9.5]},
+        {"method": "qlora", "train_budget": 1.0},
+    ):
+        with pytest.raises(CoaloraError, match="outside the achievable range"):
+            _module(tiny_models_dir, **bad)  # at construction, though allocation itself is lazy
+
+
+def test_sets_are_allocated_on_first_use_and_never_when_loading_a_checkpoint(
+    tiny_models_dir, glue_dir, tmp_path, monkeypatch
+):
+    import coalora.module
+
+    calls = []
+    real = coalora.module.cached_allocate
+    monkeypatch.setattr(coalora.module, "cached_allocate", lambda *a: calls.append(a[-1]) or real(*a))
+    module = _module(tiny_models_dir)
+    assert calls == []
+    assert len(module.train_configs) == len(BUDGETS) and calls == BUDGETS
+    assert list(module.eval_configs) == ["2.5", "3.0", "3.5", "4.0"] and len(calls) == len(BUDGETS) + 4
+    _fit(module, _data(tiny_models_dir, glue_dir), tmp_path, steps=1).save_checkpoint(tmp_path / "m.ckpt")
+    calls.clear()
+    restored = CoALoRAModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert restored.train_configs == module.train_configs and restored.eval_configs == module.eval_configs
+    assert calls == []
 
 
 def test_step_sampling_is_a_function_of_the_global_step(tiny_models_dir):
