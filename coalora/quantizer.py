@@ -75,20 +75,33 @@ def fake_quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf")
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers below 2**bits into a little-endian bit stream of uint8."""
-    shifts = torch.arange(bits, device=values.device, dtype=torch.int32)
-    stream = ((values.reshape(-1, 1).to(torch.int32) >> shifts) & 1).reshape(-1)
-    stream = _pad_to(stream, 8).view(-1, 8)
-    weights = 2 ** torch.arange(8, device=values.device, dtype=torch.int32)
-    return (stream * weights).sum(dim=1).to(torch.uint8)
+    """Pack non-negative integers below 2**bits into a little-endian bit stream of uint8.
+
+    Eight values fill exactly ``bits`` bytes, so each group of eight is assembled into one int64 and split
+    into bytes: the same stream as packing bit by bit, without materialising one int per bit.
+    """
+    count = values.numel()
+    flat = values.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return flat.to(torch.uint8)
+    groups = _pad_to(flat, 8).view(-1, 8)
+    shifts = bits * torch.arange(8, device=values.device, dtype=torch.int64)
+    words = (groups << shifts).sum(dim=1, keepdim=True)  # at most 7 * 8 = 56 bits: fits in an int64
+    byte_shifts = 8 * torch.arange(bits, device=values.device, dtype=torch.int64)
+    stream = ((words >> byte_shifts) & 0xFF).reshape(-1)
+    return stream[: math.ceil(count * bits / 8)].to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` integers, as int64."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = ((packed.reshape(-1, 1).to(torch.int32) >> shifts) & 1).reshape(-1)[: count * bits]
-    weights = 2 ** torch.arange(bits, device=packed.device, dtype=torch.int64)
-    return (stream.view(count, bits).to(torch.int64) * weights).sum(dim=1)
+    flat = packed.reshape(-1).to(torch.int64)
+    if bits == 8:
+        return flat[:count]
+    groups = _pad_to(flat, bits).view(-1, bits)
+    byte_shifts = 8 * torch.arange(bits, device=packed.device, dtype=torch.int64)
+    words = (groups << byte_shifts).sum(dim=1, keepdim=True)
+    shifts = bits * torch.arange(8, device=packed.device, dtype=torch.int64)
+    return ((words >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
 
 
 @dataclass

@@ -128,12 +128,21 @@ def test_zero_matrix_and_constant_blocks_do_not_produce_nans():
         assert torch.isfinite(q).all() and torch.allclose(q, w)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_bit_packing_round_trip(bits):
-    values = torch.randint(0, 2**bits, (1001,))
+def _bitwise_stream(values: torch.Tensor, bits: int) -> list[int]:
+    """The reference layout: value i's bit j is stream bit i*bits + j; byte k holds stream bits 8k..8k+7."""
+    stream = [(int(v) >> j) & 1 for v in values for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    return [sum(bit << j for j, bit in enumerate(stream[k : k + 8])) for k in range(0, len(stream), 8)]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 7, 8, 13, 1001])
+def test_bit_packing_round_trip_and_layout(bits, count):
+    values = torch.randint(0, 2**bits, (count,), generator=torch.Generator().manual_seed(bits * count))
     packed = pack_bits(values, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(1001 * bits / 8)
-    assert torch.equal(unpack_bits(packed, bits, 1001), values)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(count * bits / 8)
+    assert packed.tolist() == _bitwise_stream(values, bits)  # artifacts stay readable across versions
+    assert torch.equal(unpack_bits(packed, bits, count), values)
 
 
 @pytest.mark.parametrize("family", ["nf", "int"])
