@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 from coalora.evaluation import EvalResult, hypervolume, plot  # noqa: E402
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
+DEFAULT_SEED = 42
 BASE = "configs/sst2_minilm.yaml"
 
 
@@ -236,7 +237,7 @@ def unseen_markdown(summary: dict[str, dict], unseen: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small slices: ≤ 15 min on a 2-core CPU")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--only", nargs="*", default=None, help="run only these runs (names as in the plan)")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     args = parser.parse_args()
@@ -245,6 +246,8 @@ def main() -> None:
     if args.epochs is not None and args.epochs != cfg["epochs"]:
         cfg["epochs"] = args.epochs
         suffix += f"_e{args.epochs}"
+    if args.seed != DEFAULT_SEED:  # another seed is another set of runs, never a reuse of these
+        suffix += f"_s{args.seed}"
     root = REPO / "runs" / f"compare{suffix.replace('_', '-')}"
     start = time.perf_counter()
     records, rows = {}, []
