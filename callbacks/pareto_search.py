@@ -165,7 +165,12 @@ class ParetoConfigSearch(L.Callback):
                 rank_zero_warn("ParetoConfigSearch only acts on method 'coalora'; it does nothing here")
                 self._warned = True
             return
-        self._round(trainer, pl_module, epoch)
+        # The GP fit and acquisition optimisation draw from torch's global RNG; fork it so that training
+        # (dropout, anything seeded globally) sees the same random stream with and without the search, and
+        # the search/frozen/random ablations differ only in the configuration set.
+        cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            self._round(trainer, pl_module, epoch)
         self.last_round = epoch
 
     def _round(self, trainer: L.Trainer, module: L.LightningModule, epoch: int) -> None:

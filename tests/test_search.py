@@ -17,6 +17,7 @@ import sys
 from copy import deepcopy
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -430,6 +431,29 @@ def test_one_round_updates_the_set_logs_and_writes_the_archive(pristine, tiny_be
         assert entry["training"] == (set_hash([config]) in training)
     y = torch.tensor([[e["f1"], e["f2"]] for e in data["entries"]], dtype=torch.float64)
     assert (y < torch.tensor(data["reference_point"])).all()
+
+
+def test_a_round_leaves_the_global_rng_untouched(
+    pristine, tiny_bert, glue_dir, tmp_path, monkeypatch
+) -> None:
+    """Training's random stream (dropout) must not depend on whether the search ran, even where the search
+    draws from the global RNG (botorch does when a GP fit is retried from sampled priors)."""
+    import callbacks.pareto_search as pareto
+
+    real = pareto.propose
+    monkeypatch.setattr(pareto, "propose", lambda *a, **k: (torch.rand(3), real(*a, **k))[1])
+
+    class Probe(L.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.before = torch.get_rng_state()
+
+        def on_train_end(self, trainer, module) -> None:
+            self.after = torch.get_rng_state()
+
+    probe, callback = Probe(), tiny_callback()
+    trainer(tmp_path, [probe, callback], epochs=1).fit(fresh(pristine), tiny_data(tiny_bert, glue_dir))
+    assert callback.last_round == 0 and len(callback.archive) > 3  # the round ran and proposed
+    assert torch.equal(probe.before, probe.after)
 
 
 def test_frozen_and_random_modes(pristine, tiny_bert, glue_dir, tmp_path) -> None:
