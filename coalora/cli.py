@@ -41,6 +41,9 @@ def lightning_main(args: Sequence[str] | None):
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.model_name", "data.model_name")
             parser.link_arguments("model.task", "data.task")
+            # one seed for the run: the search split and shuffling follow the module's seed (two different
+            # values would also make Lightning refuse to merge the two hyperparameter sets)
+            parser.link_arguments("model.seed", "data.seed")
 
     return CoaloraCLI(
         CoALoRAModule,

@@ -83,6 +83,18 @@ def test_overlay_configs_fit_with_fast_dev_run(overlay, tiny_models_dir, glue_di
     assert main([*args, "--trainer.fast_dev_run", "true"]) == 0
 
 
+def test_one_seed_sets_the_module_and_the_data(tiny_models_dir, glue_dir, tmp_path, capsys):
+    args = ["fit", "--config", BASE_CONFIGS[0], *_tiny_args(tiny_models_dir, glue_dir, tmp_path)]
+    once = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"]
+    assert main([*args, "--model.seed", "43", *once]) == 0  # unlinked, Lightning refuses the two seeds
+    saved = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
+    assert saved["model"]["seed"] == 43
+    capsys.readouterr()
+    assert main([*args, "--data.seed", "7", "--trainer.fast_dev_run", "true"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("coalora: error:") and "data.seed" in error and "\n" not in error
+
+
 def test_sweep_command_parses(tiny_models_dir, glue_dir, tmp_path):
     sweep = yaml.safe_load((REPO / "sweeps/sst2_minilm.yaml").read_text())
     sample = {"model.lr": 0.001, "model.rank": 8, "model.configs_per_step": 1}
