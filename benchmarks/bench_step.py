@@ -11,7 +11,6 @@ the cold cost of a configuration's first use is reported separately.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import sst2_batch, write_result  # noqa: E402
+from common import sst2_batch, step_settings, write_result  # noqa: E402
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from coalora.module import CoALoRAModule  # noqa: E402
@@ -72,14 +71,7 @@ def main() -> None:
                 )
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
-        "threads": torch.get_num_threads(),
-        "model": DEFAULT_MODEL,
-        "batch": args.batch_size,
-        "length": args.length,
-        "precision": args.precision,
-        "rank": args.rank,
-        "steps": args.steps,
+        **step_settings(args),
         "median_step_s": {k: round(v, 4) for k, v in median.items()},
         "ratio_coalora_k1_to_qlora": round(median["coalora_k1"] / median["qlora"], 3),
         "ratio_coalora_k2_to_2x_qlora": round(median["coalora_k2"] / (2 * median["qlora"]), 3),

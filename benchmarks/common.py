@@ -35,3 +35,19 @@ def write_result(name: str, result: dict) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     return text
+
+
+def step_settings(args) -> dict:
+    """The machine and the step setting (model, batch, length, precision, rank, steps) of a step benchmark."""
+    from coalora.backbone import DEFAULT_MODEL
+
+    return {
+        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
+        "torch": torch.__version__,
+        "model": DEFAULT_MODEL,
+        "batch": args.batch_size,
+        "length": args.length,
+        "precision": args.precision,
+        "rank": args.rank,
+        "steps": args.steps,
+    }

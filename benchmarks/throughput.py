@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_adapt import adapt_latency  # noqa: E402
 from bench_quantizer import absmax_int4  # noqa: E402
 from bench_step import step_configs, train_step  # noqa: E402
-from common import sst2_batch, write_result  # noqa: E402
+from common import sst2_batch, step_settings, write_result  # noqa: E402
 
 from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 from coalora.module import CoALoRAModule  # noqa: E402
@@ -190,14 +190,7 @@ def main() -> None:
     _progress("latency done", start)
     qlora_step_ms = median["qlora"] * 1000
     result = {
-        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
-        "torch": torch.__version__,
-        "model": DEFAULT_MODEL,
-        "batch": args.batch_size,
-        "length": args.length,
-        "precision": args.precision,
-        "rank": args.rank,
-        "steps": args.steps,
+        **step_settings(args),
         "median_step_s": {k: round(v, 4) for k, v in median.items()},
         "step_ratios": {
             "qlora_to_fp": round(median["qlora"] / median["fp"], 3),
