@@ -47,6 +47,8 @@ from coalora.module import CoALoRAModule  # noqa: E402
 from coalora.options import NF4_DOUBLE_QUANT  # noqa: E402
 from coalora.quantizer import fake_quantize  # noqa: E402
 
+PROC_SELF = Path("/proc/self")  # the kernel's view of this process (Linux): RSS and its resettable peak
+
 # name -> (method, configurations per step)
 RUNS: dict[str, tuple[str, int]] = {
     "fp": ("fp", 1),
@@ -69,7 +71,9 @@ def _autocast(precision: str):
 
 def _rss_mb(field: str) -> float:
     """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    if not PROC_SELF.is_dir():
+        raise SystemExit("throughput.py measures memory through /proc/self (Linux); run it on Linux")
+    for line in (PROC_SELF / "status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
@@ -88,7 +92,7 @@ def memory_of(name: str, args: argparse.Namespace) -> dict:
             for config in module.train_configs:
                 module.model.set_config(config)
         resident = _rss_mb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        (PROC_SELF / "clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         for _ in range(args.memory_steps):  # the first step also creates the optimiser state
             train_step(module, optimizer, batch, step_configs(module, k, generator))
         peak = _rss_mb("VmHWM")

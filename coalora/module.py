@@ -143,15 +143,16 @@ class CoALoRAModule(L.LightningModule):
     def _budget_labels(self) -> list[str]:
         return [budget_label(b) for b in self._budgets()]
 
+    def error_table(self) -> torch.Tensor:
+        """The allocator's error table for this backbone (cached on disk, and here after the first use)."""
+        if self._error_table is None:
+            weights = target_weights(self.model.backbone, self.model.space.targets)
+            self._error_table = cached_error_table(weights, family=self.hparams.code_family)
+        return self._error_table
+
     def _at(self, budget: float) -> QConfig:
         """The allocated configuration for ``budget`` (error table and allocation cached on disk)."""
-        space = self.model.space
-        if self._error_table is None:
-            weights = {
-                n: layer.weight.detach() for n, layer in zip(space.names, self.model.layers, strict=True)
-            }
-            self._error_table = cached_error_table(weights, family=self.hparams.code_family)
-        return cached_allocate(space, self._error_table, budget)
+        return cached_allocate(self.model.space, self.error_table(), budget)
 
     def _allocate_fixed(self, weights: dict[str, torch.Tensor]) -> None:
         """fp, QLoRA and LQ-LoRA: the one configuration they train and evaluate at."""

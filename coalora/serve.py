@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import os
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Any
 
 import torch
 
-from coalora.allocator import allocate, cached_error_table
-from coalora.backbone import load_tokenizer, target_weights
+from coalora.allocator import allocate
+from coalora.backbone import load_tokenizer
 from coalora.errors import CoaloraError
 from coalora.export import (
     Resolution,
@@ -88,20 +87,6 @@ def load_module(path: str | os.PathLike) -> Any:
     return module.eval()
 
 
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def error_table(module: Any) -> torch.Tensor:
-    """The allocator's error table for the module's backbone (disk-cached; kept per module in memory)."""
-    table = _TABLES.get(module)
-    if table is None:
-        model = module.model
-        weights = target_weights(model.backbone, model.space.targets)
-        table = cached_error_table(weights, family=module.hparams.code_family)
-        _TABLES[module] = table
-    return table
-
-
 # ------------------------------------------------------------------------------------------ configurations
 
 
@@ -152,7 +137,7 @@ def config_for_budget(module: Any, budget: float) -> QConfig:
     known = module.eval_configs.get(budget_label(budget))
     if known is not None and abs(float(budget_label(budget)) - budget) < 1e-12:
         return known
-    return allocate(module.model.space, error_table(module), budget)
+    return allocate(module.model.space, module.error_table(), budget)
 
 
 def config_for_bytes(module: Any, max_bytes: int, max_solves: int = 4) -> tuple[QConfig, float]:
