@@ -34,13 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import sst2_batch, write_result  # noqa: E402
+from common import sst2_batch, write_result
 
-from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from coalora.export import load  # noqa: E402
-from coalora.module import CoALoRAModule  # noqa: E402
-from coalora.serve import AdaptiveModel, export  # noqa: E402
-from coalora.threads import intra_op_threads  # noqa: E402
+from coalora.deploy.adaptive import AdaptiveModel
+from coalora.deploy.export import export
+from coalora.deploy.loaded import load
+from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
+from coalora.tasks.classification import ClassificationTask
+from coalora.utils import intra_op_threads
 
 SST2_TRAIN_SENTENCES = 6920
 
@@ -49,7 +50,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-def adapt_latency(module: CoALoRAModule, reps: int) -> dict:
+def adapt_latency(module: ClassificationTask, reps: int) -> dict:
     """Cold and warm configuration switches (with the fold) and the mapper alone, over the eval configs."""
     served = AdaptiveModel(module)
     model = module.model
@@ -94,7 +95,7 @@ def adapt_latency(module: CoALoRAModule, reps: int) -> dict:
 def _qlora_epoch(config_path: Path, batch: dict, steps: int, rank: int, alpha: float) -> dict:
     """Median QLoRA step (fp32 and bf16 autocast) and the epoch it extrapolates to."""
     torch.manual_seed(0)
-    qlora = CoALoRAModule(method="qlora", qconfig=str(config_path), rank=rank, alpha=alpha)
+    qlora = ClassificationTask(method="qlora", qconfig=str(config_path), rank=rank, alpha=alpha)
     config = qlora.train_configs[0]
     optimizer = torch.optim.AdamW(qlora.model.trainable_parameters(), lr=1e-4)
     medians = {}
@@ -106,7 +107,7 @@ def _qlora_epoch(config_path: Path, batch: dict, steps: int, rank: int, alpha: f
         ):
             for step in range(steps + 1):  # the first step is an untimed warm-up
                 start = time.perf_counter()
-                loss = qlora.loss(qlora(batch, config), batch["labels"])
+                loss = qlora.batch_loss(batch, config)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(qlora.model.trainable_parameters(), 1.0)
                 optimizer.step()
@@ -125,7 +126,7 @@ def _qlora_epoch(config_path: Path, batch: dict, steps: int, rank: int, alpha: f
     }
 
 
-def _artifacts(module: CoALoRAModule, tokenizer, batch: dict, fp32_bytes: int) -> dict:
+def _artifacts(module: ClassificationTask, tokenizer, batch: dict, fp32_bytes: int) -> dict:
     result = {}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +169,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
-    module = CoALoRAModule(rank=args.rank, alpha=args.alpha, train_budgets=[]).eval()  # eval budgets only
+    module = ClassificationTask(
+        rank=args.rank, alpha=args.alpha, train_budgets=[]
+    ).eval()  # eval budgets only
     build_s = time.perf_counter() - start
     with torch.no_grad():  # latency does not depend on training; make M != I and B != 0 anyway
         torch.nn.init.normal_(module.model.mapper.net[-1].weight, std=0.05)

@@ -23,14 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_result  # noqa: E402
+from common import write_result
 
-from coalora.allocator import EVAL_BUDGETS, allocate, error_table  # noqa: E402
-from coalora.backbone import DEFAULT_MODEL, TargetMatrix, discover_targets, load_classifier, target_weights  # noqa: E402
-from coalora.fisher import quiet_transformers  # noqa: E402
-from coalora.options import OPTION_SPACE  # noqa: E402
-from coalora.qconfig import ConfigSpace  # noqa: E402
-from coalora.quantizer import fake_quantize  # noqa: E402
+from coalora.pretrained import DEFAULT_MODEL, load_classifier
+from coalora.quant.allocate import EVAL_BUDGETS, allocate
+from coalora.quant.error_table import error_table
+from coalora.quant.options import OPTION_SPACE
+from coalora.quant.qconfig import ConfigSpace
+from coalora.quant.quantizer import fake_quantize
+from coalora.quant.targets import TargetMatrix, discover_targets, target_weights
+from coalora.utils import quiet_transformers
 
 ROBERTA_LARGE_SHAPES = [
     ("attention.self.query", 1024, 1024),

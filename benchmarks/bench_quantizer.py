@@ -23,12 +23,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_result  # noqa: E402
+from common import write_result
 
-from coalora.backbone import DEFAULT_MODEL, discover_targets, load_classifier, target_weights  # noqa: E402
-from coalora.fisher import quiet_transformers  # noqa: E402
-from coalora.options import NF4_DOUBLE_QUANT, QuantOption  # noqa: E402
-from coalora.quantizer import fake_quantize, quantize  # noqa: E402
+from coalora.pretrained import DEFAULT_MODEL, load_classifier
+from coalora.quant.options import NF4_DOUBLE_QUANT, QuantOption
+from coalora.quant.quantizer import fake_quantize, quantize
+from coalora.quant.targets import discover_targets, target_weights
+from coalora.utils import quiet_transformers
 
 OPTIONS = {
     "nf4_double_quant": NF4_DOUBLE_QUANT,

@@ -26,14 +26,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import write_result  # noqa: E402
+from common import write_result
 
-from callbacks.pareto_search import _eval_mode, mean_loss  # noqa: E402
-from coalora import search  # noqa: E402
-from coalora.backbone import DEFAULT_MODEL, TargetMatrix  # noqa: E402
-from coalora.fisher import quiet_transformers  # noqa: E402
-from coalora.qconfig import ConfigSpace  # noqa: E402
-from coalora.threads import intra_op_threads  # noqa: E402
+from callbacks.pareto_search import _eval_mode, mean_loss
+from coalora.pretrained import DEFAULT_MODEL
+from coalora.quant.qconfig import ConfigSpace
+from coalora.quant.targets import TargetMatrix
+from coalora.search import (
+    candidates,
+    surrogate,
+)
+from coalora.search.archive import Archive
+from coalora.utils import (
+    intra_op_threads,
+    quiet_transformers,
+)
 
 SHAPES = {
     "minilm_l6": (6, 384, 1536),  # blocks, hidden, intermediate
@@ -67,17 +74,17 @@ def proxy_f1(space: ConfigSpace, encoded: torch.Tensor) -> torch.Tensor:
 
 def time_round(space: ConfigSpace, archive_size: int, method: str, seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    archive = search.Archive()
-    encoded = search.random_encodings(space, archive_size, generator)
+    archive = Archive()
+    encoded = candidates.random_encodings(space, archive_size, generator)
     archive.add(encoded, space.avg_bits_encoded(encoded))
     archive.f1 = proxy_f1(space, archive.encoded)
-    settings = search.SearchSettings(candidate_method=method)
+    settings = candidates.SearchSettings(candidate_method=method)
     with intra_op_threads(settings.threads):  # as propose() runs it
         start = time.perf_counter()
-        search.fit_gp(space.normalise(archive.encoded), archive.f1, settings.gp_maxiter)
+        surrogate.fit_gp(space.normalise(archive.encoded), archive.f1, settings.gp_maxiter)
         fit = time.perf_counter() - start
     start = time.perf_counter()
-    found = search.propose(space, archive, generator, settings)
+    found = candidates.propose(space, archive, generator, settings)
     total = time.perf_counter() - start
     return {"round_s": total, "gp_fit_s": fit, "candidates": len(found)}
 
@@ -103,18 +110,18 @@ def bench_rounds(repeats: int, with_botorch: bool) -> dict:
 
 
 def bench_scoring(configs: int = 6, batches: int = 4, batch_size: int = 32) -> dict:
-    from coalora.datamodule import GLUEDataModule
-    from coalora.module import CoALoRAModule
+    from coalora.data.glue_datamodule import GLUEDataModule
+    from coalora.tasks.classification import ClassificationTask
 
     glue_dir = os.environ.get("GLUE_DIR", str(REPO.parent / "shared" / "data"))
     with quiet_transformers():
-        module = CoALoRAModule(model_name=DEFAULT_MODEL, train_budgets=[3.0], eval_budgets=[3.0])
+        module = ClassificationTask(model_name=DEFAULT_MODEL, train_budgets=[3.0], eval_budgets=[3.0])
     data = GLUEDataModule(task="sst2", model_name=DEFAULT_MODEL, glue_dir=glue_dir)
     loader = data.search_dataloader(batch_size=batch_size)
     chosen = [b for _, b in zip(range(batches), loader, strict=False)]
     space = module.model.space
     generator = torch.Generator().manual_seed(0)
-    sampled = [space.decode(e) for e in search.random_encodings(space, configs, generator)]
+    sampled = [space.decode(e) for e in candidates.random_encodings(space, configs, generator)]
     timings: dict[str, list[float]] = {"cold": [], "warm": []}
     with _eval_mode(module):
         for kind in ("cold", "warm"):
@@ -140,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {
         "torch_threads": torch.get_num_threads(),
-        "search_threads": search.SearchSettings().threads,
+        "search_threads": candidates.SearchSettings().threads,
         "cpu_count": os.cpu_count(),
         "loadavg_1min": round(os.getloadavg()[0], 2),
         "round_budget_s": {"minilm_l6": 10, "roberta_large": 60},

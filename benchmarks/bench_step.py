@@ -22,16 +22,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common import sst2_batch, step_settings, write_result  # noqa: E402
+from common import sst2_batch, step_settings, write_result
 
-from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from coalora.module import CoALoRAModule  # noqa: E402
+from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
+from coalora.tasks.classification import ClassificationTask
 
 
-def train_step(module: CoALoRAModule, optimizer, batch: dict, configs: list) -> float:
+def train_step(module: ClassificationTask, optimizer, batch: dict, configs: list) -> float:
     """One optimiser step over the mean loss of ``configs``; returns its wall time."""
     start = time.perf_counter()
-    loss = sum(module.loss(module(batch, c), batch["labels"]) for c in configs) / len(configs)
+    loss = sum(module.batch_loss(batch, c) for c in configs) / len(configs)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.model.trainable_parameters(), 1.0)
     optimizer.step()
@@ -49,8 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     batch = sst2_batch(load_tokenizer(DEFAULT_MODEL), args.batch_size, args.length)
-    qlora = CoALoRAModule(method="qlora", train_budget=3.0, rank=args.rank)
-    coalora = CoALoRAModule(method="coalora", rank=args.rank)
+    qlora = ClassificationTask(method="qlora", train_budget=3.0, rank=args.rank)
+    coalora = ClassificationTask(method="coalora", rank=args.rank)
     runs = {"qlora": (qlora, 1), "coalora_k1": (coalora, 1), "coalora_k2": (coalora, 2)}
     optimizers = {m: torch.optim.AdamW(m.model.trainable_parameters(), lr=1e-4) for m in (qlora, coalora)}
 
@@ -83,7 +83,7 @@ def main() -> None:
     write_result(f"step_{args.precision}", result)
 
 
-def step_configs(module: CoALoRAModule, k: int, generator: torch.Generator) -> list:
+def step_configs(module: ClassificationTask, k: int, generator: torch.Generator) -> list:
     """The configurations of one step: K random training ones for CoA-LoRA, the method's own otherwise."""
     if module.hparams.method == "fp":
         return [None]

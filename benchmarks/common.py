@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def sst2_batch(tokenizer, batch_size: int, length: int) -> dict:
     """The first ``batch_size`` sentences of the 6,920-sentence SST-2 set, padded to ``length``."""
-    from coalora.glue import default_glue_dir, read_rows
+    from coalora.data.glue_files import default_glue_dir, read_rows
 
     glue = default_glue_dir() or Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
     rows = read_rows(glue / "sst2" / "sentence" / "stsa.binary.train", "sst2")[:batch_size]
@@ -39,7 +39,7 @@ def write_result(name: str, result: dict) -> str:
 
 def step_settings(args) -> dict:
     """The machine and the step setting (model, batch, length, precision, rank, steps) of a step benchmark."""
-    from coalora.backbone import DEFAULT_MODEL
+    from coalora.pretrained import DEFAULT_MODEL
 
     return {
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},

@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from coalora.evaluation import EvalResult, hypervolume, plot  # noqa: E402
+from coalora.eval.hypervolume import hypervolume
+from coalora.eval.report import plot
+from coalora.eval.results import EvalResult
 
 BUDGETS = (2.5, 3.0, 3.5, 4.0)
 DEFAULT_SEED = 42

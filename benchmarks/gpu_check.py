@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from coalora.model import CoALoRAModel  # noqa: E402
+from coalora.nn.model import CoALoRAModel
 
 SHAPES = {
     "roberta_large": dict(

@@ -37,15 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_adapt import adapt_latency  # noqa: E402
-from bench_quantizer import absmax_int4  # noqa: E402
-from bench_step import step_configs, train_step  # noqa: E402
-from common import sst2_batch, step_settings, write_result  # noqa: E402
+from bench_adapt import adapt_latency
+from bench_quantizer import absmax_int4
+from bench_step import step_configs, train_step
+from common import sst2_batch, step_settings, write_result
 
-from coalora.backbone import DEFAULT_MODEL, load_tokenizer  # noqa: E402
-from coalora.module import CoALoRAModule  # noqa: E402
-from coalora.options import NF4_DOUBLE_QUANT  # noqa: E402
-from coalora.quantizer import fake_quantize  # noqa: E402
+from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
+from coalora.quant.options import NF4_DOUBLE_QUANT
+from coalora.quant.quantizer import fake_quantize
+from coalora.tasks.classification import ClassificationTask
 
 PROC_SELF = Path("/proc/self")  # the kernel's view of this process (Linux): RSS and its resettable peak
 
@@ -58,10 +58,10 @@ RUNS: dict[str, tuple[str, int]] = {
 }
 
 
-def build(method: str, rank: int) -> CoALoRAModule:
+def build(method: str, rank: int) -> ClassificationTask:
     """A module as the shipped SST-2 config trains it; QLoRA at 3.0 bits."""
     budget = {"train_budget": 3.0} if method == "qlora" else {}
-    module = CoALoRAModule(method=method, rank=rank, alpha=2.0 * rank, **budget)
+    module = ClassificationTask(method=method, rank=rank, alpha=2.0 * rank, **budget)
     return module.train()
 
 
@@ -117,7 +117,7 @@ def _memory_in_subprocess(name: str, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def step_times(args: argparse.Namespace, batch: dict) -> tuple[dict[str, float], CoALoRAModule]:
+def step_times(args: argparse.Namespace, batch: dict) -> tuple[dict[str, float], ClassificationTask]:
     """Median step time per method, steps interleaved so that machine noise hits all alike."""
     torch.manual_seed(0)
     modules = {method: build(method, args.rank) for method in ("fp", "qlora", "coalora")}
@@ -138,7 +138,7 @@ def step_times(args: argparse.Namespace, batch: dict) -> tuple[dict[str, float],
     return {name: statistics.median(values) for name, values in times.items()}, modules["coalora"]
 
 
-def quantizer_latency(module: CoALoRAModule, rounds: int) -> dict:
+def quantizer_latency(module: ClassificationTask, rounds: int) -> dict:
     """All target matrices through NF4 double quantization against a plain absmax int4 round trip."""
     weights = [layer.weight.detach() for layer in module.model.layers]
     jobs = {

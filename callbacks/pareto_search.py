@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,20 +23,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from coalora.allocator import budget_grid
 from coalora.errors import CoaloraError
-from coalora.qconfig import ConfigSpace, QConfig
-from coalora.search import (
-    CANDIDATE_METHODS,
-    Archive,
-    SearchSettings,
-    hypervolume,
-    pareto_mask,
-    propose,
-    random_encodings,
-    reference_point,
-    segment_filter,
-)
+from coalora.quant.allocate import budget_grid
+from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.search.archive import Archive
+from coalora.search.candidates import CANDIDATE_METHODS, SearchSettings, propose, random_encodings
+from coalora.search.pareto import hypervolume, pareto_mask, reference_point, segment_filter
+from coalora.tasks.base import CoALoRATask
+from coalora.utils import write_text_atomic
 
 MODES = ("search", "frozen", "random")
 STATE_VERSION = 1
@@ -127,10 +120,10 @@ class ParetoConfigSearch(L.Callback):
         self._warned = False
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: CoALoRATask) -> None:
         self._maybe_round(trainer, pl_module, trainer.current_epoch)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CoALoRATask) -> None:
         """Catch up on a round a checkpoint was written before (e.g. one saved at validation end)."""
         if trainer.current_epoch > 0:
             self._maybe_round(trainer, pl_module, trainer.current_epoch - 1)
@@ -157,10 +150,10 @@ class ParetoConfigSearch(L.Callback):
         self.last_round = int(state_dict["last_round"])
 
     # -- one round ---------------------------------------------------------------------------------------
-    def _maybe_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+    def _maybe_round(self, trainer: L.Trainer, pl_module: CoALoRATask, epoch: int) -> None:
         if (epoch + 1) % self.every_n_epochs or epoch <= self.last_round:
             return
-        if getattr(pl_module, "hparams", {}).get("method") != "coalora":
+        if not (isinstance(pl_module, CoALoRATask) and pl_module.method.searchable):
             if not self._warned:
                 rank_zero_warn("ParetoConfigSearch only acts on method 'coalora'; it does nothing here")
                 self._warned = True
@@ -173,7 +166,7 @@ class ParetoConfigSearch(L.Callback):
             self._round(trainer, pl_module, epoch)
         self.last_round = epoch
 
-    def _round(self, trainer: L.Trainer, module: L.LightningModule, epoch: int) -> None:
+    def _round(self, trainer: L.Trainer, module: CoALoRATask, epoch: int) -> None:
         started = time.perf_counter()
         space: ConfigSpace = module.model.space
         self._check_space(space)
@@ -226,7 +219,7 @@ class ParetoConfigSearch(L.Callback):
         return result
 
     # -- scoring -----------------------------------------------------------------------------------------
-    def _search_batches(self, trainer: L.Trainer, module: L.LightningModule) -> list[dict]:
+    def _search_batches(self, trainer: L.Trainer, module: CoALoRATask) -> list[dict]:
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "search_dataloader"):
             raise CoaloraError(
@@ -240,7 +233,7 @@ class ParetoConfigSearch(L.Callback):
         ]
 
     def _score(
-        self, trainer: L.Trainer, module: L.LightningModule, rows: Tensor, batches: list[dict], epoch: int
+        self, trainer: L.Trainer, module: CoALoRATask, rows: Tensor, batches: list[dict], epoch: int
     ) -> None:
         """f1 for the archive ``rows``: each rank scores a strided share, a sum gives everyone all scores."""
         if len(rows) == 0:
@@ -259,7 +252,7 @@ class ParetoConfigSearch(L.Callback):
     def _report(
         self,
         trainer: L.Trainer,
-        module: L.LightningModule,
+        module: CoALoRATask,
         space: ConfigSpace,
         rows: Tensor,
         new: int,
@@ -320,10 +313,7 @@ class ParetoConfigSearch(L.Callback):
             "hypervolume": volume,
             "entries": entries,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data) + "\n")
 
     def _check_space(self, space: ConfigSpace) -> None:
         if len(self.archive) and self.archive.encoded.shape[1] != len(space):
@@ -333,13 +323,13 @@ class ParetoConfigSearch(L.Callback):
             )
 
 
-def mean_loss(module: L.LightningModule, config: QConfig, batches: list[dict]) -> float:
+def mean_loss(module: CoALoRATask, config: QConfig, batches: list[dict]) -> float:
     """Example-weighted mean task loss of ``module`` under ``config`` over ``batches`` (no grad)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
             size = len(batch["labels"])
-            total += float(module.loss(module(batch, config), batch["labels"])) * size
+            total += float(module.batch_loss(batch, config)) * size
             count += size
     return total / max(count, 1)
 

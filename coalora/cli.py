@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 
 from coalora.errors import CoaloraError
+from coalora.utils import one_line
 
 #: subcommand -> (module in coalora.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,32 +33,56 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def lightning_main(args: Sequence[str] | None):
-    """LightningCLI with our module and data module; ``args=None`` reads sys.argv."""
+    """LightningCLI over every task (``model.class_path`` picks one) and the GLUE data module.
+
+    ``args=None`` reads sys.argv. The task's backbone, GLUE task and seed are linked into the data module,
+    so a config names each once.
+    """
     from lightning.pytorch.cli import LightningCLI
 
-    from coalora.datamodule import GLUEDataModule
-    from coalora.module import CoALoRAModule
+    from coalora.data.glue_datamodule import GLUEDataModule
+    from coalora.tasks.base import CoALoRATask
 
     class CoaloraCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.model_name", "data.model_name")
-            parser.link_arguments("model.task", "data.task")
-            # one seed for the run: the search split and shuffling follow the module's seed (two different
+            parser.link_arguments("model.init_args.model_name", "data.model_name")
+            parser.link_arguments("model.init_args.task", "data.task")
+            # one seed for the run: the search split and shuffling follow the task's seed (two different
             # values would also make Lightning refuse to merge the two hyperparameter sets)
-            parser.link_arguments("model.seed", "data.seed")
+            parser.link_arguments("model.init_args.seed", "data.seed")
 
     return CoaloraCLI(
-        CoALoRAModule,
+        CoALoRATask,
         GLUEDataModule,
+        subclass_mode_model=True,
         args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},
     )
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__
+#: jsonargparse's report of a bad value inside the chosen task class, nested in its Union report
+_NESTED_VALUE = re.compile(
+    r'Parser key "(?P<key>[\w.]+)": Expected a (?P<type>.+?)\. Got value: (?P<value>\S+)'
+)
+_CLASS = re.compile(r"<class '(?P<name>[\w.]+)'>")
+_LITERAL = re.compile(r"typing\.Literal\[(?P<choices>.*)\]")
+
+
+def config_error(message: str) -> str:
+    """jsonargparse's message for a bad task argument, cut to the argument, what it takes and what it got.
+
+    In subclass mode a bad ``--model.method`` is reported as a failed match against every subclass; the
+    useful part is the innermost ``Parser key "method": Expected a Literal[...]. Got value: magic``.
+    """
+    match = _NESTED_VALUE.search(message)
+    if match is None or "Problem with given class_path" not in message:
+        return message
+    expected = _CLASS.sub(lambda m: ("an " if m["name"][0] in "aeiou" else "a ") + m["name"], match["type"])
+    literal = _LITERAL.fullmatch(expected)
+    if literal is not None:
+        expected = "one of " + literal["choices"]
+    return f"model.{match['key']} must be {expected}, got '{match['value']}'; see `coalora fit --help`"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,11 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         lightning_main(None if from_command_line else argv)
         return 0
     except (CoaloraError, argparse.ArgumentError) as err:
-        print(f"coalora: error: {_one_line(err)}", file=sys.stderr)
+        print(f"coalora: error: {config_error(one_line(err))}", file=sys.stderr)
         return 2
     except Exception as err:  # jsonargparse raises its own ArgumentError subclass for bad configs
         if type(err).__name__ in ("ArgumentError", "ParserError"):
-            print(f"coalora: error: {_one_line(err)}", file=sys.stderr)
+            print(f"coalora: error: {config_error(one_line(err))}", file=sys.stderr)
             return 2
         raise
 

@@ -12,25 +12,27 @@ import numpy as np
 import pytest
 import torch
 
-from coalora import allocator
-from coalora.allocator import (
-    EVAL_BUDGETS,
-    allocate,
-    budget_grid,
-    budget_range,
-    cached_error_table,
-    error_table,
-    pareto_options,
-    solve_mckp,
-    table_cache_path,
-)
-from coalora.backbone import DEFAULT_MODEL, discover_targets, load_classifier, target_weights
 from coalora.commands import allocate as allocate_command
 from coalora.errors import CoaloraError
-from coalora.fisher import empirical_fisher, mask_tokens, quiet_transformers
-from coalora.options import BITS_CHOICES, OPTION_SPACE, QuantOption
-from coalora.qconfig import ConfigSpace
-from coalora.quantizer import fake_quantize
+from coalora.pretrained import DEFAULT_MODEL, load_classifier
+from coalora.quant import allocate as allocate_module
+from coalora.quant import error_table as error_table_module
+from coalora.quant.allocate import (
+    EVAL_BUDGETS,
+    allocate,
+    allocate_for_model,
+    budget_grid,
+    budget_range,
+    total_error,
+)
+from coalora.quant.error_table import cached_error_table, error_table, table_cache_path
+from coalora.quant.fisher import empirical_fisher, mask_tokens
+from coalora.quant.knapsack import pareto_options, solve_mckp
+from coalora.quant.options import BITS_CHOICES, OPTION_SPACE, QuantOption
+from coalora.quant.qconfig import ConfigSpace
+from coalora.quant.quantizer import fake_quantize
+from coalora.quant.targets import discover_targets, target_weights
+from coalora.utils import default_cache_dir, quiet_transformers
 
 
 def _brute_force(errors: np.ndarray, costs: np.ndarray, capacity: float) -> float:
@@ -158,7 +160,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("recomputed instead of reading the cache")
 
-    monkeypatch.setattr(allocator, "error_table", fail)
+    monkeypatch.setattr(error_table_module, "error_table", fail)
     torch.testing.assert_close(cached_error_table(weights, options, cache_dir=tmp_path), first)
     reordered = {"b": weights["b"], "a": weights["a"]}  # same key, rows follow the caller's order
     torch.testing.assert_close(cached_error_table(reordered, options, cache_dir=tmp_path), first.flip(0))
@@ -177,7 +179,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
 
 def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("COALORA_CACHE", str(tmp_path / "c"))
-    assert allocator.default_cache_dir() == tmp_path / "c"
+    assert default_cache_dir() == tmp_path / "c"
 
 
 # ------------------------------------------------------------------------------------------- MiniLM
@@ -221,7 +223,7 @@ def test_minilm_subset_allocations_meet_the_budget(minilm_subset):
 
 def test_more_bits_never_err_more(minilm_subset):
     space, table = minilm_subset
-    totals = [allocator.total_error(space, table, allocate(space, table, b)) for b in EVAL_BUDGETS]
+    totals = [total_error(space, table, allocate(space, table, b)) for b in EVAL_BUDGETS]
     assert all(a > b for a, b in itertools.pairwise(totals))
 
 
@@ -247,7 +249,7 @@ def test_full_minilm_allocations_meet_the_budget(minilm, full_cache):
     table = cached_error_table(weights, cache_dir=full_cache)
     assert table.shape == (36, 432)
     _check_allocations(ConfigSpace(targets, model=DEFAULT_MODEL), table)
-    results = allocator.allocate_for_model(DEFAULT_MODEL, [3.0, 4.0], cache_dir=full_cache)  # cached table
+    results = allocate_for_model(DEFAULT_MODEL, [3.0, 4.0], cache_dir=full_cache)  # cached table
     assert [round(avg, 4) for _, avg in results] == [3.0, 4.0]
     assert all(len(config.matrices) == 36 for config, _ in results)
 
@@ -288,7 +290,7 @@ def test_fisher_covers_every_target_matrix(tiny_models_dir, kind):
 
 
 def test_fisher_is_cached(tiny_models_dir, tmp_path, monkeypatch):
-    from coalora import fisher as fisher_module
+    from coalora.quant import fisher as fisher_module
 
     name = str(tiny_models_dir / "tiny-bert")
     with quiet_transformers():
@@ -329,7 +331,7 @@ def _args(**overrides) -> argparse.Namespace:
 
 def test_cli_writes_qconfig_files_and_prints_the_table(minilm_subset, monkeypatch, tmp_path, capsys):
     space, table = minilm_subset
-    monkeypatch.setattr(allocator, "model_error_table", lambda *args, **kwargs: (space, table))
+    monkeypatch.setattr(allocate_module, "model_error_table", lambda *args, **kwargs: (space, table))
     assert allocate_command.run(_args(budget=[2.5, 3.0], out_dir=tmp_path / "cfgs")) == 0
     out = capsys.readouterr().out
     assert "avg_bits" in out and "total_error" in out and "2b  3b  4b  8b" in out

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from coalora.backbone import (
-    DEFAULT_MODEL,
-    discover_targets,
-    load_classifier,
-    module_types,
-    resolve_model_path,
-    target_weights,
-    weights_fingerprint,
-)
 from coalora.errors import CoaloraError
+from coalora.pretrained import DEFAULT_MODEL, load_classifier, resolve_model_path
+from coalora.quant.targets import discover_targets, module_types, target_weights, weights_fingerprint
 
 
 @pytest.mark.parametrize(

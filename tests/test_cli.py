@@ -88,7 +88,7 @@ def test_one_seed_sets_the_module_and_the_data(tiny_models_dir, glue_dir, tmp_pa
     once = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "1"]
     assert main([*args, "--model.seed", "43", *once]) == 0  # unlinked, Lightning refuses the two seeds
     saved = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
-    assert saved["model"]["seed"] == 43
+    assert saved["model"]["init_args"]["seed"] == 43
     capsys.readouterr()
     assert main([*args, "--data.seed", "7", "--trainer.fast_dev_run", "true"]) == 2
     error = capsys.readouterr().err.strip()
@@ -175,7 +175,7 @@ def test_evaluate_writes_table_json_csv_and_plot(tiny_models_dir, glue_dir, tmp_
     [
         (["fit", "--config", "no/such.yaml"], "File does not exist"),
         (["fit", "--config", BASE_CONFIGS[0], "--model.no_such_option", "1"], "no_such_option"),
-        (["fit", "--config", BASE_CONFIGS[0], "--model.method", "magic"], "unknown method 'magic'"),
+        (["fit", "--config", BASE_CONFIGS[0], "--model.method", "magic"], "model.method must be one of 'coalora'"),
         (["evaluate", "--ckpt", "missing.ckpt"], "does not exist"),
         (["evaluate"], "required: --ckpt"),
     ],

@@ -9,7 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from coalora.datamodule import GLUEDataModule, PadCollator, split_search
+from coalora.data.batching import PadCollator, split_search
+from coalora.data.glue_datamodule import GLUEDataModule
 from coalora.errors import CoaloraError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"

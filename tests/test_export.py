@@ -9,21 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from coalora.backbone import load_tokenizer, target_weights
+from coalora.deploy.adaptive import AdaptiveModel
+from coalora.deploy.export import export
+from coalora.deploy.layout import ADAPTER_FILE, FULL_PRECISION_FILE, METADATA_FILE, QUANTIZED_FILE
+from coalora.deploy.loaded import assemble, load
+from coalora.deploy.reader import read_artifact
+from coalora.deploy.sizes import packed_nbytes
 from coalora.errors import CoaloraError
-from coalora.export import (
-    ADAPTER_FILE,
-    FULL_PRECISION_FILE,
-    METADATA_FILE,
-    QUANTIZED_FILE,
-    load,
-    packed_nbytes,
-    read_artifact,
-)
-from coalora.options import QuantOption
-from coalora.qconfig import QConfig
-from coalora.quantizer import fake_quantize
-from coalora.serve import AdaptiveModel, export, load_module
+from coalora.pretrained import load_tokenizer
+from coalora.quant.options import QuantOption
+from coalora.quant.qconfig import QConfig
+from coalora.quant.quantizer import fake_quantize
+from coalora.quant.targets import target_weights
+from coalora.tasks.checkpoint import load_task
 
 TEXTS = ["a gripping , funny and moving film", "the plot is thin and the acting is wooden and far too long"]
 ATOL = 1e-5
@@ -46,12 +44,12 @@ def ckpt(tiny_models_dir, glue_dir, workdir) -> Path:
     """A CoA-LoRA checkpoint trained 3 steps, with B and the mapper's last layer moved far from zero."""
     import lightning as L
 
-    from coalora.datamodule import GLUEDataModule
-    from coalora.module import CoALoRAModule
+    from coalora.data.glue_datamodule import GLUEDataModule
+    from coalora.tasks.classification import ClassificationTask
 
     torch.manual_seed(0)
     name = str(tiny_models_dir / "tiny-bert")
-    module = CoALoRAModule(model_name=name, rank=4, train_budgets=[2.5, 3.5, 5.0], eval_budgets=[3.0])
+    module = ClassificationTask(model_name=name, rank=4, train_budgets=[2.5, 3.5, 5.0], eval_budgets=[3.0])
     data = GLUEDataModule(
         task="sst2",
         model_name=name,
@@ -85,7 +83,7 @@ def ckpt(tiny_models_dir, glue_dir, workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def module(ckpt):
-    return load_module(ckpt)
+    return load_task(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +117,10 @@ def module_logits(module, batch: dict, config: QConfig | None) -> torch.Tensor:
 
 def _method_ckpt(path: Path, model_name: str, method: str, **kwargs) -> Path:
     """A checkpoint of another method, built without training (B made non-zero so the adapter matters)."""
-    from coalora.module import CoALoRAModule
+    from coalora.tasks.classification import ClassificationTask
 
     torch.manual_seed(1)
-    module = CoALoRAModule(model_name=model_name, method=method, rank=4, **kwargs)
+    module = ClassificationTask(model_name=model_name, method=method, rank=4, **kwargs)
     with torch.no_grad():
         for layer in module.model.layers:
             torch.nn.init.normal_(layer.lora_B, std=0.05)
@@ -148,7 +146,7 @@ def test_artifact_logits_equal_the_training_model_under_its_configuration(
     names = module.model.space.names
     artifact.adapter = {n: (layer.lora_A, layer.lora_B) for n, layer in zip(names, module.model.layers)}
     with torch.no_grad():
-        unfolded = artifact.to_model(merge)(**batch).logits
+        unfolded = assemble(artifact, merge)(**batch).logits
     assert (unfolded - expected).abs().max() > 100 * ATOL
 
 
@@ -201,7 +199,7 @@ def test_artifact_size_matches_avg_bits_and_the_full_precision_parts(module, con
     ],
 )
 def test_packed_nbytes_is_exact(option):
-    from coalora.quantizer import quantize
+    from coalora.quant.quantizer import quantize
 
     weight = torch.randn(37, 53)  # no multiple of any block size
     assert quantize(weight, option).nbytes == packed_nbytes(option, weight.numel())
@@ -479,15 +477,15 @@ def test_checkpoint_of_another_backbone_is_refused(ckpt, tmp_path):
     checkpoint["coalora"]["fingerprint"] = "0" * 16
     torch.save(checkpoint, tmp_path / "other.ckpt")
     with pytest.raises(CoaloraError, match="trained on another backbone"):
-        load_module(tmp_path / "other.ckpt")
+        load_task(tmp_path / "other.ckpt")
 
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.ckpt").write_bytes(b"not a zip")
     with pytest.raises(CoaloraError, match="cannot read checkpoint"):
-        load_module(tmp_path / "x.ckpt")
+        load_task(tmp_path / "x.ckpt")
     with pytest.raises(CoaloraError, match="does not exist"):
-        load_module(tmp_path / "y.ckpt")
+        load_task(tmp_path / "y.ckpt")
 
 
 @pytest.mark.parametrize("method", ["qlora", "lqlora"])
@@ -497,7 +495,7 @@ def test_single_configuration_methods_export_only_their_own(
     own = tmp_path / "own.json"
     config.save(own)
     path = _method_ckpt(tmp_path / "m.ckpt", str(tiny_models_dir / "tiny-bert"), method, qconfig=str(own))
-    trained = load_module(path)
+    trained = load_task(path)
     report = export(trained, tmp_path / "out")  # no configuration given: its own
     assert report.resolution.source == "its own configuration"
     expected = module_logits(trained, batch, trained.train_configs[0])
@@ -513,7 +511,7 @@ def test_single_configuration_methods_export_only_their_own(
 
 def test_fp_checkpoint_exports_in_full_precision_only(tiny_models_dir, batch, tmp_path):
     path = _method_ckpt(tmp_path / "fp.ckpt", str(tiny_models_dir / "tiny-bert"), "fp")
-    trained = load_module(path)
+    trained = load_task(path)
     with pytest.raises(CoaloraError, match="full-precision LoRA"):
         export(trained, tmp_path / "q", budget=3.0)
     report = export(trained, tmp_path / "out")
@@ -526,10 +524,10 @@ def test_fp_checkpoint_exports_in_full_precision_only(tiny_models_dir, batch, tm
 def test_shared_checkpoint_serves_any_configuration(
     module, config, other_config, batch, tiny_models_dir, tmp_path
 ):
-    from coalora.module import CoALoRAModule
+    from coalora.tasks.classification import ClassificationTask
 
     torch.manual_seed(2)
-    shared = CoALoRAModule(
+    shared = ClassificationTask(
         model_name=str(tiny_models_dir / "tiny-bert"), method="shared", rank=4, eval_budgets=[]
     )
     shared.eval_configs, shared.train_configs = {"3.0": config}, [config]
@@ -539,7 +537,7 @@ def test_shared_checkpoint_serves_any_configuration(
     checkpoint = {"state_dict": shared.state_dict(), "hyper_parameters": dict(shared.hparams)}
     shared.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "shared.ckpt")
-    trained = load_module(tmp_path / "shared.ckpt")
+    trained = load_task(tmp_path / "shared.ckpt")
     with pytest.raises(CoaloraError, match="choose one with --budget"):
         export(trained, tmp_path / "none")
     export(trained, tmp_path / "out", qconfig=other_config)
@@ -552,11 +550,11 @@ def test_other_backbones_round_trip_through_artifact_and_peft(kind, tiny_models_
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from coalora.module import CoALoRAModule
+    from coalora.tasks.classification import ClassificationTask
 
     name = str(tiny_models_dir / f"tiny-{kind}")
     torch.manual_seed(3)
-    module = CoALoRAModule(model_name=name, rank=4, train_budgets=[], eval_budgets=[]).eval()
+    module = ClassificationTask(model_name=name, rank=4, train_budgets=[], eval_budgets=[]).eval()
     with torch.no_grad():
         torch.nn.init.normal_(module.model.mapper.net[-1].weight, std=0.05)
         for layer in module.model.layers:

@@ -9,22 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from coalora.errors import CoaloraError
-from coalora.glue import (
-    TASKS,
+from coalora.data.glue import TASKS, get_task, glue_metrics, main_metric, predictions_from_logits
+from coalora.data.glue_files import (
     default_glue_dir,
     find_split_file,
     find_task_dir,
-    get_task,
-    glue_metrics,
     load_hub_split,
     load_split,
-    main_metric,
-    predictions_from_logits,
     read_rows,
     read_split,
     resolve_source,
 )
+from coalora.errors import CoaloraError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 ORIGINAL, HF = FIXTURES / "original", FIXTURES / "hf"

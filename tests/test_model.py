@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from coalora.backbone import load_classifier
-from coalora.lora import QuantLoRALinear, lqlora_decompose
-from coalora.mapper import ConfigMapper
-from coalora.model import CoALoRAModel
-from coalora.options import NF4_DOUBLE_QUANT, QuantOption
-from coalora.quantizer import fake_quantize
+from coalora.nn.lora import LoRALinear
+from coalora.nn.mapper import ConfigMapper
+from coalora.nn.model import CoALoRAModel
+from coalora.pretrained import load_classifier
+from coalora.quant.lqlora import lqlora_decompose
+from coalora.quant.options import NF4_DOUBLE_QUANT, QuantOption
+from coalora.quant.quantizer import fake_quantize
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def _batch(n: int = 3, length: int = 7) -> dict:
 def test_layer_with_identity_mixer_is_plain_lora_on_the_quantized_base():
     torch.manual_seed(0)
     base = nn.Linear(32, 16)
-    layer = QuantLoRALinear(base, rank=4, alpha=8)
+    layer = LoRALinear(base, rank=4, alpha=8)
     nn.init.normal_(layer.lora_B)
     option = QuantOption(3, 4, "bf16", 16, 16)
     layer.active_weight = fake_quantize(base.weight, option)
@@ -49,7 +50,7 @@ def test_layer_with_identity_mixer_is_plain_lora_on_the_quantized_base():
 
 def test_folded_adapter_equals_the_unfolded_layer():
     torch.manual_seed(0)
-    layer = QuantLoRALinear(nn.Linear(32, 16), rank=4, alpha=8)
+    layer = LoRALinear(nn.Linear(32, 16), rank=4, alpha=8)
     nn.init.normal_(layer.lora_B)
     mixer = torch.eye(4) + 0.3 * torch.randn(4, 4)
     layer.mixer = mixer
@@ -112,7 +113,7 @@ def test_unchanged_options_are_not_requantized(tiny):
 
 
 def test_cache_respects_its_memory_bound():
-    from coalora.model import QuantCache
+    from coalora.nn.weight_cache import QuantCache
 
     weight = torch.randn(64, 64)  # 16 KiB in fp32
     cache = QuantCache(max_bytes=40_000)

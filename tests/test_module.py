@@ -6,16 +6,17 @@ import lightning as L
 import pytest
 import torch
 
-from coalora.datamodule import GLUEDataModule
+from coalora.data.glue_datamodule import GLUEDataModule
 from coalora.errors import CoaloraError
-from coalora.module import CoALoRAModule, budget_label
+from coalora.tasks.classification import ClassificationTask
+from coalora.utils import budget_label
 
 BUDGETS = [2.5, 3.3, 5.0]
 
 
-def _module(tiny_models_dir, **kwargs) -> CoALoRAModule:
+def _module(tiny_models_dir, **kwargs) -> ClassificationTask:
     args = dict(model_name=str(tiny_models_dir / "tiny-bert"), rank=4, train_budgets=BUDGETS, lr=1e-3)
-    return CoALoRAModule(**{**args, **kwargs})
+    return ClassificationTask(**{**args, **kwargs})
 
 
 def _data(tiny_models_dir, glue_dir) -> GLUEDataModule:
@@ -66,27 +67,27 @@ def test_methods_allocate_the_right_configurations(tiny_models_dir):
 def test_sets_are_allocated_on_first_use_and_never_when_loading_a_checkpoint(
     tiny_models_dir, glue_dir, tmp_path, monkeypatch
 ):
-    import coalora.module
+    import coalora.tasks.base
 
     calls = []
-    real = coalora.module.cached_allocate
-    monkeypatch.setattr(coalora.module, "cached_allocate", lambda *a: calls.append(a[-1]) or real(*a))
+    real = coalora.tasks.base.cached_allocate
+    monkeypatch.setattr(coalora.tasks.base, "cached_allocate", lambda *a: calls.append(a[-1]) or real(*a))
     module = _module(tiny_models_dir)
     assert calls == []
     assert len(module.train_configs) == len(BUDGETS) and calls == BUDGETS
     assert list(module.eval_configs) == ["2.5", "3.0", "3.5", "4.0"] and len(calls) == len(BUDGETS) + 4
     _fit(module, _data(tiny_models_dir, glue_dir), tmp_path, steps=1).save_checkpoint(tmp_path / "m.ckpt")
     calls.clear()
-    restored = CoALoRAModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    restored = ClassificationTask.load_from_checkpoint(tmp_path / "m.ckpt")
     assert restored.train_configs == module.train_configs and restored.eval_configs == module.eval_configs
     assert calls == []
 
 
 def test_step_sampling_is_a_function_of_the_global_step(tiny_models_dir):
     module = _module(tiny_models_dir, configs_per_step=2)
-    first = module._sample_configs()
+    first = module.sample_configs()
     assert len(first) == 2 and first[0] != first[1]
-    assert module._sample_configs() == first
+    assert module.sample_configs() == first
 
 
 def test_set_training_configs_validates(tiny_models_dir):
@@ -108,7 +109,7 @@ def test_checkpoint_is_small_and_restores_exactly(tiny_models_dir, glue_dir, tmp
     saved = torch.load(path, weights_only=False)
     kept = ("lora_", "mapper", "classifier", "pooler")
     assert all(any(part in k for part in kept) for k in saved["state_dict"])
-    restored = CoALoRAModule.load_from_checkpoint(path)
+    restored = ClassificationTask.load_from_checkpoint(path)
     assert restored.train_configs == new_set and restored.eval_configs == module.eval_configs
     ids = torch.randint(1000, 2000, (2, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -131,7 +132,7 @@ def test_checkpoint_from_another_backbone_is_refused(tiny_models_dir, glue_dir, 
     model.save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_models_dir / "tiny-bert").save_pretrained(other)
     with pytest.raises(CoaloraError, match="trained on another backbone"):
-        CoALoRAModule.load_from_checkpoint(tmp_path / "m.ckpt", model_name=str(other))
+        ClassificationTask.load_from_checkpoint(tmp_path / "m.ckpt", model_name=str(other))
 
 
 @pytest.mark.parametrize("method", ["coalora", "shared", "qlora", "lqlora", "fp"])

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from coalora.backbone import TargetMatrix
 from coalora.errors import CoaloraError
-from coalora.options import NF4_DOUBLE_QUANT, QuantOption
-from coalora.qconfig import ConfigSpace, QConfig
+from coalora.quant.options import NF4_DOUBLE_QUANT, QuantOption
+from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.quant.targets import TargetMatrix
 
 TARGETS = [
     TargetMatrix("enc.0.q", "q", 0, 64, 64),

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from coalora.codebooks import codebook, nearest_codes
 from coalora.errors import CoaloraError
-from coalora.options import NF4_DOUBLE_QUANT, OPTION_SPACE, QuantOption
-from coalora.quantizer import fake_quantize, pack_bits, quantize, unpack_bits
+from coalora.quant.codebooks import codebook, nearest_codes
+from coalora.quant.options import NF4_DOUBLE_QUANT, OPTION_SPACE, QuantOption
+from coalora.quant.quantizer import fake_quantize, pack_bits, quantize, unpack_bits
 
 SPEC_LEVELS = {
     2: [-1, 0, 0.3379, 1],

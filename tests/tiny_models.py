@@ -57,7 +57,7 @@ def tiny_config(kind: str):
 def save_tiny_models(root: Path) -> dict[str, Path]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from coalora.backbone import DEFAULT_MODEL, resolve_model_path
+    from coalora.pretrained import DEFAULT_MODEL, resolve_model_path
 
     paths = {}
     for kind in ("bert", "roberta", "llama"):

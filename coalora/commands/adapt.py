@@ -44,12 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coalora.serve import export, load_module
+    from coalora.deploy.export import export
+    from coalora.tasks.checkpoint import load_task
 
     if args.max_bytes is not None and args.max_bytes <= 0:
         raise CoaloraError(f"--max-bytes must be positive, got {args.max_bytes}")
     start = time.perf_counter()
-    module = load_module(args.ckpt)
+    module = load_task(args.ckpt)
     loaded = time.perf_counter() - start
     report = export(
         module,

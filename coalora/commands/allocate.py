@@ -13,10 +13,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from coalora.backbone import DEFAULT_MODEL
-from coalora.codebooks import CODE_FAMILIES
 from coalora.errors import CoaloraError
-from coalora.options import BITS_CHOICES, OPTION_SPACE
+from coalora.pretrained import DEFAULT_MODEL
+from coalora.quant.codebooks import CODE_FAMILIES
+from coalora.quant.options import BITS_CHOICES, OPTION_SPACE
+from coalora.utils import budget_label
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="error-table cache (default: $COALORA_CACHE)")
 
 
-def budget_label(budget: float) -> str:
-    """File-name form of a budget: 3.0 -> '3.0bits', 2.35 -> '2.35bits'."""
-    return f"{round(budget, 4)}bits"
-
-
 def _outputs(args: argparse.Namespace) -> list[Path | None]:
     """Where each budget's configuration goes (None: print only)."""
     budgets = args.budget
@@ -59,7 +55,7 @@ def _outputs(args: argparse.Namespace) -> list[Path | None]:
             )
         return [Path(args.out)]
     if args.out_dir is not None:
-        return [Path(args.out_dir) / f"{budget_label(b)}.json" for b in budgets]
+        return [Path(args.out_dir) / f"{budget_label(b, decimals=4)}bits.json" for b in budgets]
     return [None] * len(budgets)
 
 
@@ -68,7 +64,8 @@ def _fisher_texts(args: argparse.Namespace) -> list[str] | None:
         if args.glue_dir is not None:
             raise CoaloraError("--glue-dir only matters with --fisher-glue-task; add that or drop --glue-dir")
         return None
-    from coalora.glue import get_task, load_split
+    from coalora.data.glue import get_task
+    from coalora.data.glue_files import load_split
 
     spec = get_task(args.fisher_glue_task)
     rows = load_split(spec.name, "train", glue_dir=args.glue_dir)
@@ -76,7 +73,7 @@ def _fisher_texts(args: argparse.Namespace) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coalora.allocator import allocate, check_budget, model_error_table, total_error
+    from coalora.quant.allocate import allocate, check_budget, model_error_table, total_error
 
     for budget in args.budget:
         check_budget(budget)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from coalora.errors import CoaloraError
-from coalora.evaluation import EvalResult, evaluate_config, format_table, summarise, write_outputs
+from coalora.eval.report import format_table, summarise, write_outputs
+from coalora.eval.results import EvalResult, evaluate_config
+
+if TYPE_CHECKING:
+    from coalora.tasks.base import CoALoRATask
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,24 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for --random and --seen")
 
 
-def _load(path: str):
-    from coalora.module import CoALoRAModule
-
-    if not Path(path).is_file():
-        raise CoaloraError(f"checkpoint '{path}' does not exist; pass a .ckpt written by `coalora fit`")
-    try:
-        module = CoALoRAModule.load_from_checkpoint(path, map_location="cpu")
-    except CoaloraError:
-        raise
-    except (KeyError, RuntimeError, EOFError, OSError) as err:
-        raise CoaloraError(
-            f"cannot read checkpoint '{path}' ({type(err).__name__}); is it a coalora checkpoint?"
-        ) from err
-    return module.eval()
-
-
-def _dev_loader(module, args: argparse.Namespace, data_hparams: dict):
-    from coalora.datamodule import GLUEDataModule
+def _dev_loader(module: CoALoRATask, args: argparse.Namespace, data_hparams: dict):
+    from coalora.data.glue_datamodule import GLUEDataModule
 
     data = GLUEDataModule(
         task=module.hparams.task,
@@ -69,23 +58,20 @@ def _dev_loader(module, args: argparse.Namespace, data_hparams: dict):
     return data.val_dataloader()
 
 
-def configs_to_evaluate(module, args: argparse.Namespace) -> list[tuple[str, str, object]]:
+def configs_to_evaluate(module: CoALoRATask, args: argparse.Namespace) -> list[tuple[str, str, object]]:
     """(label, kind, config) triples for one checkpoint."""
-    from coalora.allocator import allocate, cached_error_table
-    from coalora.backbone import target_weights
-    from coalora.module import budget_label
+    from coalora.quant.allocate import allocate
+    from coalora.utils import budget_label
 
-    method = module.hparams.method
-    if method == "fp":
+    if module.method.serves == "fp":
         return [("fp", "fp", None)]
-    if method in ("qlora", "lqlora"):
+    if module.method.serves == "own":
         return [(label, "own", config) for label, config in module.eval_configs.items()]
     space = module.model.space
     if args.budgets is None:
         items = [(label, "budget", config) for label, config in module.eval_configs.items()]
     else:
-        weights = target_weights(module.model.backbone, space.targets)
-        table = cached_error_table(weights, family=module.hparams.code_family)
+        table = module.error_table()
         items = [(budget_label(b), "budget", allocate(space, table, b)) for b in args.budgets]
     items += [(Path(p).stem, "qconfig", space.load(p)) for p in args.qconfig]
     generator = torch.Generator().manual_seed(args.seed)
@@ -99,14 +85,14 @@ def configs_to_evaluate(module, args: argparse.Namespace) -> list[tuple[str, str
 
 
 def run(args: argparse.Namespace) -> int:
+    from coalora.tasks.checkpoint import load_task, read_checkpoint
+
     results: list[EvalResult] = []
     task = None
     names: dict[str, int] = {}
     for path in args.ckpt:
-        module = _load(path)
-        data_hparams = torch.load(path, map_location="cpu", weights_only=False).get(
-            "datamodule_hyper_parameters", {}
-        )
+        module = load_task(path)
+        data_hparams = dict(read_checkpoint(path).get("datamodule_hyper_parameters", {}))
         if task is not None and module.hparams.task != task:
             raise CoaloraError(
                 f"checkpoints are for different tasks ({task}, {module.hparams.task}); evaluate separately"
@@ -114,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
         task = module.hparams.task
         loader = _dev_loader(module, args, data_hparams)
         seen = set(module.train_configs)
-        method = module.hparams.method
+        method = module.method.name
         items = configs_to_evaluate(module, args)
-        run_name = method if method not in ("qlora", "lqlora") else f"{method}@{items[0][0]}"
+        run_name = method if module.method.serves != "own" else f"{method}@{items[0][0]}"
         names[run_name] = names.get(run_name, 0) + 1
         if names[run_name] > 1:
             run_name = f"{run_name}#{names[run_name]}"

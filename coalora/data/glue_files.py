@@ -1,8 +1,6 @@
-"""GLUE tasks: what each task looks like, reading its files in every common layout, and its metrics.
+"""GLUE files: finding a task's split in a local folder, reading it in every common layout, or the hub.
 
-Rows are plain dicts keyed by the Hugging Face ``nyu-mll/glue`` field names (``sentence``, ``premise`` ...)
-plus an int ``label`` (a float for STS-B), whichever layout they came from, so the rest of the project never
-sees a file format. Three layouts are read, detected from the file itself:
+Three layouts are read, detected from the file itself:
 
 * the original GLUE download (``glue_data/SST-2/train.tsv``): tab-separated with *no* quoting, task-specific
   headers (CoLA has none) and string labels for QNLI/RTE/MNLI;
@@ -16,183 +14,10 @@ import csv
 import io
 import os
 import re
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, BinaryMatthewsCorrCoef, MulticlassAccuracy
-from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
-
+from coalora.data.glue import HUB_DATASET, HUB_SPLITS, Row, TaskSpec, get_task, split_name
 from coalora.errors import CoaloraError
-
-Row = dict[str, str | int | float]
-HUB_DATASET = "nyu-mll/glue"
-
-
-@dataclass(frozen=True)
-class OriginalLayout:
-    """Where a task's text and label sit in the original GLUE download."""
-
-    folder: str  # folder name in glue_data/, e.g. "SST-2"
-    text_columns: tuple[str, ...]  # header names, in the order of the task's HF text fields
-    label_column: str
-    label_last: bool = False  # STS-B/MNLI: rows may carry extra tabs, the label is always the last field
-    names: tuple[str, ...] = ()  # column names of a headerless file (CoLA)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One GLUE task: its fields, labels, splits and metrics."""
-
-    name: str
-    text_fields: tuple[str, ...]  # HF field names, one or two
-    num_labels: int  # 1 means regression (STS-B)
-    label_names: tuple[str, ...]  # HF label names in id order; empty for regression
-    metrics: tuple[str, ...]  # keys of glue_metrics(); the first is not necessarily the main one
-    main_metric: str
-    original: OriginalLayout
-    dev_split: str = "dev"
-    extra_dev_splits: tuple[str, ...] = field(default=())
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-    @property
-    def eval_splits(self) -> tuple[str, ...]:
-        return (self.dev_split, *self.extra_dev_splits)
-
-
-_ENTAIL2 = ("entailment", "not_entailment")
-
-TASKS: dict[str, TaskSpec] = {
-    spec.name: spec
-    for spec in (
-        TaskSpec(
-            "cola",
-            ("sentence",),
-            2,
-            ("unacceptable", "acceptable"),
-            ("mcc",),
-            "mcc",
-            OriginalLayout(
-                "CoLA", ("sentence",), "label", names=("source", "label", "original_label", "sentence")
-            ),
-        ),
-        TaskSpec(
-            "sst2",
-            ("sentence",),
-            2,
-            ("negative", "positive"),
-            ("accuracy",),
-            "accuracy",
-            OriginalLayout("SST-2", ("sentence",), "label"),
-        ),
-        TaskSpec(
-            "mrpc",
-            ("sentence1", "sentence2"),
-            2,
-            ("not_equivalent", "equivalent"),
-            ("f1", "accuracy"),
-            "accuracy",
-            OriginalLayout("MRPC", ("#1 String", "#2 String"), "Quality"),
-        ),
-        TaskSpec(
-            "qqp",
-            ("question1", "question2"),
-            2,
-            ("not_duplicate", "duplicate"),
-            ("f1", "accuracy"),
-            "accuracy",
-            OriginalLayout("QQP", ("question1", "question2"), "is_duplicate"),
-        ),
-        TaskSpec(
-            "stsb",
-            ("sentence1", "sentence2"),
-            1,
-            (),
-            ("pearson", "spearman"),
-            "pearson",
-            OriginalLayout("STS-B", ("sentence1", "sentence2"), "score", label_last=True),
-        ),
-        TaskSpec(
-            "mnli",
-            ("premise", "hypothesis"),
-            3,
-            ("entailment", "neutral", "contradiction"),
-            ("accuracy",),
-            "accuracy",
-            OriginalLayout("MNLI", ("sentence1", "sentence2"), "gold_label", label_last=True),
-            dev_split="dev_matched",
-            extra_dev_splits=("dev_mismatched",),
-        ),
-        TaskSpec(
-            "qnli",
-            ("question", "sentence"),
-            2,
-            _ENTAIL2,
-            ("accuracy",),
-            "accuracy",
-            OriginalLayout("QNLI", ("question", "sentence"), "label"),
-        ),
-        TaskSpec(
-            "rte",
-            ("sentence1", "sentence2"),
-            2,
-            _ENTAIL2,
-            ("accuracy",),
-            "accuracy",
-            OriginalLayout("RTE", ("sentence1", "sentence2"), "label"),
-        ),
-        TaskSpec(
-            "wnli",
-            ("sentence1", "sentence2"),
-            2,
-            ("not_entailment", "entailment"),
-            ("accuracy",),
-            "accuracy",
-            OriginalLayout("WNLI", ("sentence1", "sentence2"), "label"),
-        ),
-    )
-}
-
-#: our split name -> the HF hub split name (also accepted as a file stem and as a split name).
-HUB_SPLITS: dict[str, str] = {
-    "train": "train",
-    "dev": "validation",
-    "dev_matched": "validation_matched",
-    "dev_mismatched": "validation_mismatched",
-}
-
-
-def get_task(name: str) -> TaskSpec:
-    """The spec of a GLUE task; accepts HF names and original folder names (``SST-2``, ``STS-B``)."""
-    key = name.strip().lower().replace("-", "")
-    if key not in TASKS:
-        raise CoaloraError(f"unknown GLUE task '{name}'; choose one of {', '.join(TASKS)}")
-    return TASKS[key]
-
-
-def main_metric(task: str) -> str:
-    """The metric key a task is ranked by (MCC for CoLA, Pearson for STS-B, accuracy otherwise)."""
-    return get_task(task).main_metric
-
-
-def _split_name(spec: TaskSpec, split: str) -> str:
-    """Normalise a split name (HF names accepted), checking the task has it."""
-    by_hub = {hub: ours for ours, hub in HUB_SPLITS.items()}
-    ours = by_hub.get(split, split)
-    if ours == "dev" and spec.dev_split != "dev":
-        ours = spec.dev_split
-    valid = ("train", *spec.eval_splits)
-    if ours not in valid:
-        raise CoaloraError(f"task '{spec.name}' has no split '{split}'; choose one of {', '.join(valid)}")
-    return ours
-
-
-# ---------------------------------------------------------------------------------------------- locating
 
 
 def default_glue_dir() -> Path | None:
@@ -227,7 +52,7 @@ def find_task_dir(glue_dir: str | Path, task: str) -> Path:
 def find_split_file(glue_dir: str | Path, task: str, split: str = "train") -> Path:
     """The file of one split: ``<split>.tsv`` or its HF-named twin (``validation.tsv`` for ``dev``)."""
     spec = get_task(task)
-    ours = _split_name(spec, split)
+    ours = split_name(spec, split)
     folder = find_task_dir(glue_dir, spec.name)
     names = list(dict.fromkeys((f"{ours}.tsv", f"{HUB_SPLITS[ours]}.tsv")))
     for name in names:
@@ -239,9 +64,8 @@ def find_split_file(glue_dir: str | Path, task: str, split: str = "train") -> Pa
     )
 
 
-# ----------------------------------------------------------------------------------------------- reading
-
 _SENTENCE_LINE = re.compile(r"(-?\d+(?:\.\d+)?) (.*)")
+
 #: a CSV-quoted first field ("...""..."<TAB>): tells an HF export from an original file with the same header.
 _QUOTED_FIRST_FIELD = re.compile(r'^"(?:[^"\n]|"")*"\t', re.MULTILINE)
 
@@ -370,7 +194,7 @@ def read_split(glue_dir: str | Path, task: str, split: str = "train") -> list[Ro
 def load_hub_split(task: str, split: str = "train") -> list[Row]:
     """One split from the Hugging Face hub (``nyu-mll/glue``), as rows like the local readers give."""
     spec = get_task(task)
-    hub_split = HUB_SPLITS[_split_name(spec, split)]
+    hub_split = HUB_SPLITS[split_name(spec, split)]
     try:
         from datasets import load_dataset
 
@@ -411,36 +235,3 @@ def load_split(
         return load_hub_split(task, split)
     assert folder is not None
     return read_split(folder, task, split)
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-def glue_metrics(task: str) -> MetricCollection:
-    """The task's GLUE metrics, keyed ``accuracy``/``f1``/``mcc``/``pearson``/``spearman``.
-
-    Feed class ids (scores for STS-B), not logits: :func:`predictions_from_logits` converts them.
-    """
-    spec = get_task(task)
-    factories: dict[str, type[Metric]] = {
-        "f1": BinaryF1Score,
-        "mcc": BinaryMatthewsCorrCoef,
-        "pearson": PearsonCorrCoef,
-        "spearman": SpearmanCorrCoef,
-    }
-    with warnings.catch_warnings():  # Spearman warns that it buffers every prediction: fine for GLUE dev sets
-        warnings.filterwarnings("ignore", message=".*will save all targets and predictions.*")
-        metrics: dict[str, Metric] = {
-            key: MulticlassAccuracy(num_classes=spec.num_labels, average="micro")
-            if key == "accuracy"
-            else factories[key]()
-            for key in spec.metrics
-        }
-    return MetricCollection(metrics)
-
-
-def predictions_from_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """What the metrics take: argmax class ids, or the single regression output for STS-B."""
-    if get_task(task).is_regression:
-        return logits.reshape(logits.shape[0], -1)[:, 0].float()
-    return logits.argmax(dim=-1)

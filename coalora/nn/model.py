@@ -1,4 +1,4 @@
-"""A Hugging Face classifier with configuration-aware LoRA on every target matrix.
+"""A Hugging Face backbone with configuration-aware LoRA on every target matrix.
 
 :class:`CoALoRAModel` owns the injected layers, the mapper and a memory-bounded cache of dequantized
 weights, and switches the whole backbone to a configuration in one call: an unchanged option is never
@@ -7,68 +7,25 @@ re-quantized, a cached one is never recomputed, nothing is ever read from disk.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
 
-from coalora.backbone import TargetMatrix, discover_targets, module_types
-from coalora.lora import QuantLoRALinear
-from coalora.mapper import ConfigMapper
-from coalora.options import QuantOption
-from coalora.qconfig import ConfigSpace, QConfig
-from coalora.quantizer import fake_quantize
-
-
-class QuantCache:
-    """LRU cache of dequantized weights keyed by (matrix, option), bounded in bytes."""
-
-    def __init__(self, max_bytes: int, family: str = "nf") -> None:
-        self.max_bytes = max_bytes
-        self.family = family
-        self._entries: OrderedDict[tuple[str, QuantOption], torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self.hits = self.misses = 0
-
-    def get(self, name: str, option: QuantOption, weight: torch.Tensor) -> torch.Tensor:
-        key = (name, option)
-        cached = self._entries.get(key)
-        if cached is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return cached
-        self.misses += 1
-        value = fake_quantize(weight, option, self.family).to(weight.dtype)
-        size = value.numel() * value.element_size()
-        while self._entries and self._bytes + size > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self._bytes -= evicted.numel() * evicted.element_size()
-        if size <= self.max_bytes:
-            self._entries[key] = value
-            self._bytes += size
-        return value
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the cached dequantized weights."""
-        return self._bytes
+from coalora.nn.lora import LoRALinear, lora_layer
+from coalora.nn.mapper import ConfigMapper
+from coalora.nn.weight_cache import QuantCache
+from coalora.quant.options import QuantOption
+from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.quant.targets import TargetMatrix, discover_targets, module_types
 
 
 def inject_lora(
     model: nn.Module, targets: list[TargetMatrix], rank: int, alpha: float, dropout: float
 ) -> None:
-    """Replace every target ``nn.Linear`` of ``model`` by a :class:`QuantLoRALinear` in place."""
+    """Replace every target ``nn.Linear`` of ``model`` by a :class:`LoRALinear` in place."""
     for target in targets:
         parent_name, _, child = target.name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, QuantLoRALinear(getattr(parent, child), rank, alpha, dropout))
+        setattr(parent, child, lora_layer(getattr(parent, child), rank, alpha, dropout))
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
@@ -109,7 +66,7 @@ class CoALoRAModel(nn.Module):
         for name in head_parameter_names(backbone):
             backbone.get_parameter(name).requires_grad_(True)
         self.backbone = backbone
-        self.layers: list[QuantLoRALinear] = [backbone.get_submodule(t.name) for t in targets]
+        self.layers: list[LoRALinear] = [backbone.get_submodule(t.name) for t in targets]
         self.register_buffer(
             "block_ids", torch.tensor([t.block_index for t in targets], dtype=torch.long), persistent=False
         )
@@ -176,9 +133,13 @@ class CoALoRAModel(nn.Module):
 
     # -- deployment ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def folded_adapter(self, config: QConfig | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (A, B·M): a plain LoRA adapter for ``config``."""
-        mixers = self.mixers(config) if (self.mapper is not None and config is not None) else None
+    def folded_adapter(
+        self, config: QConfig | None, mixers: torch.Tensor | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (A, B·M): a plain LoRA adapter for ``config`` (``mixers``: the mapper's output for it,
+        if already computed)."""
+        if mixers is None and self.mapper is not None and config is not None:
+            mixers = self.mixers(config)
         return {
             name: (
                 layer.lora_A.detach().clone(),

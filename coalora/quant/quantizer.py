@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from coalora.codebooks import codebook, nearest_codes
-from coalora.options import TORCH_DTYPES, QuantOption
+from coalora.quant.codebooks import codebook, nearest_codes
+from coalora.quant.options import TORCH_DTYPES, QuantOption
 
 
 def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ class _Parts:
     scales: torch.Tensor  # (n_blocks,) float32 dequantized first-level scales
 
 
-def _double_quantize_scales(absmax: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, ...]:
+def double_quantize_scales(absmax: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, ...]:
     """Second-level quantization of the per-block absmax scales (SPEC §2.3 step 3)."""
     levels = 2**option.scale_bits - 1
     offset = absmax.min()
@@ -56,7 +56,7 @@ def _quantize_parts(weight: torch.Tensor, option: QuantOption, family: str) -> _
     flat = _pad_to(weight.detach().reshape(-1).to(torch.float32), option.block)
     blocks = flat.view(-1, option.block)
     absmax = blocks.abs().amax(dim=1)
-    scale_codes, scale2, offset, scales = _double_quantize_scales(absmax, option)
+    scale_codes, scale2, offset, scales = double_quantize_scales(absmax, option)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     normalised = blocks / safe.unsqueeze(1)
     codes = nearest_codes(normalised, option.bits, family).view(-1)

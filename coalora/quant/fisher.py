@@ -25,17 +25,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from coalora.backbone import (
-    TargetMatrix,
-    discover_targets,
-    load_tokenizer,
-    resolve_model_path,
-    weights_fingerprint,
-)
 from coalora.errors import CoaloraError
+from coalora.pretrained import load_tokenizer, resolve_model_path
+from coalora.quant.targets import TargetMatrix, discover_targets, weights_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
 
 MASK_RATE = 0.15
 
@@ -224,7 +220,7 @@ def cached_fisher(
 ) -> dict[str, torch.Tensor]:
     """:func:`empirical_fisher`, cached on disk by backbone weights, texts and settings (it takes minutes
     on large models, and the error table's cache key needs it)."""
-    from coalora.allocator import default_cache_dir, save_atomic
+    from coalora.utils import default_cache_dir, save_atomic
 
     digest = hashlib.sha256()
     for part in (

@@ -14,9 +14,17 @@ from pathlib import Path
 
 import torch
 
-from coalora.backbone import TargetMatrix, resolve_model_path
 from coalora.errors import CoaloraError
-from coalora.options import DTYPE_BITS, FIELD_CHOICES, FIELD_NAMES, FIELD_SIZES, OPTION_SPACE, QuantOption
+from coalora.pretrained import resolve_model_path
+from coalora.quant.options import (
+    DTYPE_BITS,
+    FIELD_CHOICES,
+    FIELD_NAMES,
+    FIELD_SIZES,
+    OPTION_SPACE,
+    QuantOption,
+)
+from coalora.quant.targets import TargetMatrix
 
 FORMAT = "coalora.qconfig/1"
 

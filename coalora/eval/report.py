@@ -1,75 +1,16 @@
-"""Multi-configuration evaluation: metrics per configuration, hypervolume, and the metric-vs-bits plot.
-
-Hypervolume (SPEC §7) is of the points (metric, avg_bits), metric maximised and bits minimised, with bits
-scaled to [0, 1] over the option space's range [2.0322, 8.625] and the reference point (metric 0, bits
-8.625). So a single configuration at 8.625 bits scores 0, and a metric of 1 at the cheapest possible bits
-would score 1.
-"""
+"""Reports of a multi-configuration evaluation: per-run summary, the text table, JSON/CSV and the plot."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from coalora.glue import glue_metrics, main_metric, predictions_from_logits
-from coalora.options import OPTION_SPACE
-from coalora.qconfig import QConfig
-
-MIN_BITS = min(o.storage_bits for o in OPTION_SPACE)
-MAX_BITS = max(o.storage_bits for o in OPTION_SPACE)
-
-
-@dataclass
-class EvalResult:
-    """One (checkpoint, configuration) evaluation."""
-
-    run: str
-    method: str
-    label: str  # '3.0' for a budget, a file name for a qconfig, 'random-3', 'seen-5', 'fp'
-    kind: str  # budget | qconfig | random | seen | own | fp
-    avg_bits: float | None
-    seen: bool
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def row(self) -> dict:
-        data = asdict(self)
-        data.update(data.pop("metrics"))
-        return data
-
-
-@torch.no_grad()
-def evaluate_config(module, loader: Iterable[dict], config: QConfig | None, task: str) -> dict[str, float]:
-    """The task's GLUE metrics and mean loss of ``module`` under ``config`` on ``loader``."""
-    metrics = glue_metrics(task)
-    total, count = 0.0, 0
-    device = next(module.parameters()).device
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = module(batch, config)
-        total += float(module.loss(logits, batch["labels"])) * len(batch["labels"])
-        count += len(batch["labels"])
-        metrics.update(predictions_from_logits(logits, task).cpu(), batch["labels"].cpu())
-    values = {name: float(value) for name, value in metrics.compute().items()}
-    values["loss"] = total / max(count, 1)
-    return values
-
-
-def hypervolume(points: Iterable[tuple[float, float]]) -> float:
-    """Dominated area of (metric, avg_bits) points; see the module docstring for the reference point."""
-    from botorch.utils.multi_objective.hypervolume import Hypervolume
-
-    rows = [(metric, -(bits - MIN_BITS) / (MAX_BITS - MIN_BITS)) for metric, bits in points]
-    if not rows:
-        return 0.0
-    return float(
-        Hypervolume(torch.tensor([0.0, -1.0], dtype=torch.float64)).compute(torch.tensor(rows).double())
-    )
+from coalora.data.glue import main_metric
+from coalora.eval.hypervolume import hypervolume
+from coalora.eval.results import EvalResult
+from coalora.utils import write_text_atomic
 
 
 def summarise(results: list[EvalResult], task: str) -> dict[str, dict]:
@@ -115,7 +56,7 @@ def write_outputs(results: list[EvalResult], task: str, out_dir: str | os.PathLi
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "eval.json", "csv": out / "eval.csv", "png": out / "eval.png"}
     payload = {"task": task, "summary": summarise(results, task), "results": [r.row() for r in results]}
-    _atomic_text(paths["json"], json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(paths["json"], json.dumps(payload, indent=1) + "\n")
     rows = [r.row() for r in results]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     tmp = paths["csv"].with_suffix(".csv.tmp")
@@ -169,10 +110,4 @@ def plot(results: list[EvalResult], task: str, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)

@@ -20,9 +20,11 @@ from typing import Any
 
 from torch import nn
 
+from coalora.deploy.files import file_inventory, staged_dir
+from coalora.deploy.layout import METADATA_FILE, Artifact
+from coalora.deploy.loaded import plain_model
 from coalora.errors import CoaloraError
-from coalora.export import METADATA_FILE, Artifact, file_inventory, plain_model, staged_dir
-from coalora.model import head_parameter_names
+from coalora.nn.model import head_parameter_names
 
 PEFT_FORMAT = "coalora.peft/1"
 BASE_DIR = "base"

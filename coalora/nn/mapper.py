@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from coalora.options import FIELD_SIZES
+from coalora.quant.options import FIELD_SIZES
 
 
 class ConfigMapper(nn.Module):

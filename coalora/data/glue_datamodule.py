@@ -1,4 +1,4 @@
-"""The GLUE LightningDataModule: rows from :mod:`coalora.glue`, tokenized once, padded per batch.
+"""The GLUE LightningDataModule: rows from :mod:`coalora.data.glue_files`, tokenized once, padded per batch.
 
 Besides train and dev it carves a seeded *search split* out of the training rows (and removes it from
 training) so the configuration search is scored on examples the adapters never trained on.
@@ -11,107 +11,27 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader
 
-from coalora.backbone import DEFAULT_MODEL, load_tokenizer
-from coalora.errors import CoaloraError
-from coalora.glue import (
-    Row,
-    TaskSpec,
+from coalora.data.batching import PADDED_KEYS, EncodedDataset, EpochShuffler, PadCollator, split_search
+from coalora.data.glue import Row, TaskSpec, get_task
+from coalora.data.glue_files import (
     default_glue_dir,
     find_split_file,
-    get_task,
     load_hub_split,
     read_rows,
     resolve_source,
 )
+from coalora.errors import CoaloraError
+from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-#: tokenizer outputs a batch carries, with the value that pads each (None: the tokenizer's pad id).
-_PADDED_KEYS: tuple[tuple[str, int | None], ...] = (
-    ("input_ids", None),
-    ("attention_mask", 0),
-    ("token_type_ids", 0),
-)
-
-
-class EpochShuffler(RandomSampler):
-    """A shuffling sampler whose order is a function of (seed, epoch) only.
-
-    A seeded ``RandomSampler`` continues one generator across epochs, so a run resumed from a checkpoint
-    replays epoch 0's order; Lightning calls ``set_epoch`` before every epoch (also on resume), and this
-    sampler reseeds from it. Subclassing ``RandomSampler`` keeps Lightning's DDP handling: it is swapped
-    for a ``DistributedSampler``, which is itself seeded per epoch.
-    """
-
-    def __init__(self, data_source: Dataset, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=self.generator).tolist()
-
-    def __len__(self) -> int:
-        return len(self.data_source)
-
-
-class EncodedDataset(Dataset):
-    """Tokenized rows kept as unpadded Python lists, plus a label tensor."""
-
-    def __init__(self, features: dict[str, list[list[int]]], labels: torch.Tensor) -> None:
-        self.features = features
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        item: dict = {key: values[index] for key, values in self.features.items()}
-        item["labels"] = self.labels[index]
-        return item
-
-
-class PadCollator:
-    """Right-pads each batch only to its own longest sequence (dynamic padding), keeping workers picklable."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(item["input_ids"]) for item in items)
-        batch: dict[str, torch.Tensor] = {}
-        for key, fill in _PADDED_KEYS:
-            if key not in items[0]:
-                continue
-            value = self.pad_token_id if fill is None else fill
-            batch[key] = torch.tensor([item[key] + [value] * (length - len(item[key])) for item in items])
-        batch["labels"] = torch.stack([item["labels"] for item in items])
-        return batch
 
 
 def _check_count(name: str, value: int | None, minimum: int) -> None:
     if value is not None and value < minimum:
         raise CoaloraError(f"{name}={value} is too small; use an integer >= {minimum}")
-
-
-def split_search(count: int, search_size: int, seed: int) -> tuple[list[int], list[int]]:
-    """``(train, search)`` row indices: a seeded random ``search_size`` held out, both in file order."""
-    if search_size <= 0:
-        return list(range(count)), []
-    if search_size >= count:
-        raise CoaloraError(
-            f"search_size={search_size} leaves no training rows (the training set has {count}); "
-            "use a smaller search_size"
-        )
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[search_size:]), sorted(order[:search_size])
 
 
 class GLUEDataModule(L.LightningDataModule):
@@ -221,7 +141,7 @@ class GLUEDataModule(L.LightningDataModule):
             return EncodedDataset({"input_ids": []}, labels)
         texts = [[str(row[name]) for row in rows] for name in self.spec.text_fields]
         encoded = self.tokenizer(*texts, truncation=True, max_length=self.hparams.max_length)
-        features = {key: encoded[key] for key, _ in _PADDED_KEYS if key in encoded}
+        features = {key: encoded[key] for key, _ in PADDED_KEYS if key in encoded}
         return EncodedDataset(features, labels)
 
     def _setup_train(self) -> None:

@@ -1,0 +1,132 @@
+"""Switching a checkpoint between configurations in process.
+
+:class:`AdaptiveModel` keeps the training task alive and switches it with what training already uses:
+the model's quantized-weight cache (an option a matrix has had before is never re-quantized) and one
+batched mapper call for the r×r adjustments. Budgets are resolved by the allocator once and remembered;
+the checkpoint's own evaluation budgets are known from the start.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from coalora.deploy.export import ExportReport, export
+from coalora.deploy.layout import Resolution
+from coalora.deploy.loaded import predict_texts
+from coalora.deploy.resolve import resolve_config
+from coalora.errors import CoaloraError
+from coalora.pretrained import load_tokenizer
+from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.tasks.checkpoint import load_task
+from coalora.utils import intra_op_threads
+
+if TYPE_CHECKING:
+    from coalora.tasks.base import CoALoRATask
+
+
+class AdaptiveModel:
+    """A checkpoint served at any configuration its method supports; see :meth:`adapt`."""
+
+    def __init__(self, module: CoALoRATask, tokenizer: Any = None, threads: int | None = 1) -> None:
+        """``threads``: torch CPU threads while switching (see :func:`intra_op_threads`; None: torch's)."""
+        self.module = module.eval()
+        self.tokenizer = tokenizer
+        self.threads = threads
+        self.config: QConfig | None = None
+        self.adapted = False
+        #: seconds of the last :meth:`adapt`, by stage (resolve, quantize, mapper)
+        self.last_timings: dict[str, float] = {}
+        self._budgets: dict[float, Resolution] = {}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> AdaptiveModel:
+        module = load_task(path).to(device)
+        model = cls(module)
+        if module.method.fixed:
+            model.adapt(None)  # the one configuration it serves
+        return model
+
+    @property
+    def space(self) -> ConfigSpace:
+        return self.module.model.space
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(getattr(self.module, "label_names", []))
+
+    @property
+    def avg_bits(self) -> float | None:
+        return None if self.config is None else self.space.avg_bits(self.config)
+
+    def resolve(self, target: QConfig | float | str | os.PathLike | None) -> Resolution:
+        """A configuration, a budget in bits (allocated once, then remembered) or a qconfig file path."""
+        if target is None or isinstance(target, QConfig):
+            return resolve_config(self.module, qconfig=target)
+        if isinstance(target, (int, float)) and not isinstance(target, bool):
+            budget = float(target)
+            if budget not in self._budgets:
+                self._budgets[budget] = resolve_config(self.module, budget=budget)
+            return self._budgets[budget]
+        if isinstance(target, (str, os.PathLike)):
+            return resolve_config(self.module, qconfig=Path(target))
+        raise CoaloraError(
+            f"cannot adapt to a {type(target).__name__}; pass a QConfig, a budget in bits or a qconfig path"
+        )
+
+    @torch.no_grad()
+    def adapt(self, target: QConfig | float | str | os.PathLike | None) -> QConfig | None:
+        """Switch the live model to a configuration, a bit budget or a qconfig file; return the config.
+
+        ``None`` means the checkpoint's own configuration (qlora/lqlora) or full precision (fp).
+        """
+        start = time.perf_counter()
+        config = self.resolve(target).config
+        timings = {"resolve": time.perf_counter() - start}
+        model = self.module.model
+        with intra_op_threads(self.threads):
+            start = time.perf_counter()
+            self.module.activate(config)  # quantized weights, or LQ-LoRA's pinned Q(W − L)
+            timings["quantize"] = time.perf_counter() - start
+            start = time.perf_counter()
+            model.apply_mixers(config)
+            timings["mapper"] = time.perf_counter() - start
+        self.config, self.adapted, self.last_timings = config, True, timings
+        return config
+
+    @torch.no_grad()
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Logits of the live configuration for a tokenized batch (``labels`` ignored)."""
+        if not self.adapted:
+            raise CoaloraError("choose a configuration first: call adapt(budget or qconfig)")
+        device = self.module.model.block_ids.device
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        return self.module.model.backbone(**inputs).logits
+
+    def predict(
+        self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32, max_length: int = 128
+    ) -> list[dict]:
+        """Labels and probabilities for raw texts (or text pairs) under the live configuration."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.module.hparams.model_name)
+        device = self.module.model.block_ids.device
+        return predict_texts(
+            self.logits, self.tokenizer, texts, self.label_names, device, batch_size, max_length
+        )
+
+    def export(
+        self,
+        target: QConfig | float | str | os.PathLike | None,
+        out: str | os.PathLike,
+        format: str = "coalora",
+    ) -> ExportReport:
+        """Write a deployable artifact (or a PEFT export) for a configuration; the live one is unchanged."""
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.module.hparams.model_name)
+        resolution = self.resolve(target)
+        return export(self.module, out, format=format, tokenizer=self.tokenizer, resolution=resolution)

@@ -1,0 +1,110 @@
+"""Building an artifact from a trained task: quantize and pack the backbone, fold B·M, collect the rest."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from coalora import __version__
+from coalora.data.glue import get_task
+from coalora.deploy.layout import FORMAT, PACKED_FIELDS, Artifact, Resolution, full_precision_state
+from coalora.deploy.sizes import part_sizes
+from coalora.nn.model import head_parameter_names
+from coalora.quant.quantizer import PackedTensor, quantize
+from coalora.utils import intra_op_threads
+
+if TYPE_CHECKING:
+    from coalora.tasks.base import CoALoRATask
+
+
+def _cpu(packed: PackedTensor) -> PackedTensor:
+    """The artifact lives on the CPU, whatever device the module is on."""
+    parts = {part: getattr(packed, part).cpu() for part in PACKED_FIELDS}
+    return PackedTensor(shape=packed.shape, option=packed.option, family=packed.family, **parts)
+
+
+class _Stopwatch:
+    """Seconds per named stage, each lap measured from the previous one."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._last
+        self._last = now
+
+
+@torch.no_grad()
+def build_artifact(module: CoALoRATask, resolution: Resolution) -> Artifact:
+    """Quantize and pack the backbone, run the mapper, fold B·M: the artifact for one configuration.
+
+    ``resolution`` must come from :func:`coalora.deploy.resolve.resolve_config`, which checks that the
+    method serves it.
+    """
+    model, config = module.model, resolution.config
+    family = module.hparams.code_family
+    stages = _Stopwatch()
+    packed: dict[str, PackedTensor] = {}
+    # LQ-LoRA's residual is recomputed as the module computed it: on the same threads (SVD rounding)
+    weights = None if config is None else module.weights_to_quantize(config)
+    with intra_op_threads(1):
+        if config is not None and weights is not None:
+            packed = {n: _cpu(quantize(weights[n], config.matrices[n], family)) for n in model.space.names}
+        stages.lap("quantize")
+        mixers = model.mixers(config) if (model.mapper is not None and config is not None) else None
+        stages.lap("mapper")
+        adapter = {name: (a.cpu(), b.cpu()) for name, (a, b) in model.folded_adapter(config, mixers).items()}
+        stages.lap("fold")
+    full = full_precision_state(module, quantized=config is not None)
+    hf_config = _labelled_config(model.backbone.config, module.hparams.task)
+    artifact = Artifact({}, hf_config, config, packed, adapter, full, timings=stages.laps)
+    artifact.metadata = _metadata(module, artifact, resolution)
+    return artifact
+
+
+def _labelled_config(config: Any, task: str) -> Any:
+    """A copy of the HF config carrying the task's label names (shown by pipelines and ``predict``)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    names = get_task(task).label_names
+    if names:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+    return config
+
+
+def _metadata(module: CoALoRATask, artifact: Artifact, resolution: Resolution) -> dict:
+    hp = module.hparams
+    model = module.model
+    space = model.space
+    config = artifact.qconfig
+    # full precision (fp checkpoints): the bits of the stored weights
+    avg_bits = (
+        float(torch.finfo(model.layers[0].weight.dtype).bits) if config is None else space.avg_bits(config)
+    )
+    sizes = part_sizes(artifact, head_parameter_names(model.backbone))
+    rest = sizes["weights"] - sizes["quantized"] - sizes.get("unquantized_targets", 0)
+    return {
+        "format": FORMAT,
+        "coalora_version": __version__,
+        "backbone": hp.model_name,
+        "task": hp.task,
+        "label_names": list(get_task(hp.task).label_names),
+        "method": hp.method,
+        "rank": hp.rank,
+        "alpha": hp.alpha,
+        "lora_scaling": model.layers[0].scaling,
+        "code_family": hp.code_family,
+        "avg_bits": avg_bits,
+        "configuration": resolution.source,
+        "budget": resolution.budget,
+        "fingerprint": module.fingerprint,
+        "targets": {t.name: [t.out_features, t.in_features] for t in space.targets},
+        "sizes": sizes,
+        "predicted_weights": round(avg_bits * space.total_numel / 8) + rest,
+    }

@@ -1,0 +1,76 @@
+"""The artifact: one configuration of a checkpoint as packed low-bit weights plus a plain LoRA.
+
+An artifact is a folder that needs neither the checkpoint nor the network to run:
+
+- ``quantized.safetensors``: per target matrix ``<name>.codes``, ``.scale_codes`` (bit-packed uint8),
+  ``.scale2`` (in the option's dtype) and ``.offset`` (fp32), exactly what :func:`quantize` packs;
+- ``adapter.safetensors``: per target ``<name>.lora_A`` (r×in) and ``<name>.lora_B`` = B·M, the mapper's
+  adjustment folded in, so the adapter is a plain LoRA for this one configuration;
+- ``full_precision.safetensors``: every other parameter (embeddings, LayerNorms, biases, the task head);
+- ``config.json`` and the tokenizer files of the backbone, ``qconfig.json``, and ``coalora.json``
+  (metadata: format, backbone, task, labels, method, avg bits, sizes by part, sizes and SHA-256 of files).
+
+This module names the files and holds the in-memory form; building, writing and reading live beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from coalora.quant.qconfig import QConfig
+from coalora.quant.quantizer import PackedTensor
+
+if TYPE_CHECKING:
+    from coalora.tasks.base import CoALoRATask
+
+FORMAT = "coalora.artifact/1"
+
+METADATA_FILE = "coalora.json"
+
+QCONFIG_FILE = "qconfig.json"
+
+QUANTIZED_FILE = "quantized.safetensors"
+
+ADAPTER_FILE = "adapter.safetensors"
+
+FULL_PRECISION_FILE = "full_precision.safetensors"
+
+PACKED_FIELDS = ("codes", "scale_codes", "scale2", "offset")
+
+REEXPORT = "re-export it with `coalora adapt`"
+
+
+@dataclass
+class Resolution:
+    """The configuration to serve, and how it was chosen (for reports and metadata)."""
+
+    config: QConfig | None
+    source: str
+    budget: float | None = None
+
+
+@dataclass
+class Artifact:
+    """An artifact in memory: what the files hold, before writing or after reading."""
+
+    metadata: dict
+    hf_config: Any  # transformers.PretrainedConfig
+    qconfig: QConfig | None
+    packed: dict[str, PackedTensor]
+    adapter: dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (A, B·M)
+    full_precision: dict[str, torch.Tensor]
+    tokenizer: Any = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, when built here
+
+
+def full_precision_state(module: CoALoRATask, quantized: bool) -> dict[str, torch.Tensor]:
+    """Every backbone tensor that is not LoRA, nor a target weight when those are ``quantized``."""
+    model = module.model
+    skip = {f"{n}.{p}" for n in model.space.names for p in ("lora_A", "lora_B")}
+    if quantized:
+        skip |= {f"{n}.weight" for n in model.space.names}
+    state = model.backbone.state_dict()
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items() if k not in skip}

@@ -1,0 +1,143 @@
+"""Reading an artifact folder back, checking every file's size (and checksum) and every tensor's shape;
+each inconsistency is a one-line error that says to re-export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from coalora.deploy.files import sha256
+from coalora.deploy.layout import (
+    ADAPTER_FILE,
+    FORMAT,
+    FULL_PRECISION_FILE,
+    METADATA_FILE,
+    PACKED_FIELDS,
+    QCONFIG_FILE,
+    QUANTIZED_FILE,
+    REEXPORT,
+    Artifact,
+)
+from coalora.deploy.sizes import packed_layout
+from coalora.errors import CoaloraError
+from coalora.quant.options import QuantOption
+from coalora.quant.qconfig import QConfig
+from coalora.quant.quantizer import PackedTensor
+from coalora.utils import first_line
+
+
+def _corrupt(folder: Path, what: str) -> CoaloraError:
+    return CoaloraError(f"artifact '{folder}' is corrupted: {what}; {REEXPORT}")
+
+
+def read_metadata(folder: Path, verify: bool = True) -> dict:
+    """``coalora.json``, checked for format, and every listed file for size (and SHA-256 if ``verify``)."""
+    path = folder / METADATA_FILE
+    if not folder.is_dir():
+        raise CoaloraError(f"artifact folder '{folder}' does not exist; write one with `coalora adapt`")
+    if not path.is_file():
+        raise CoaloraError(
+            f"'{folder}' is not a coalora artifact (no {METADATA_FILE}); write one with `coalora adapt`"
+        )
+    try:
+        metadata = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _corrupt(folder, f"{METADATA_FILE} is not valid JSON ({first_line(err)})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise CoaloraError(f"'{folder}' has format {found!r}, not '{FORMAT}'; {REEXPORT}")
+    required = ("backbone", "task", "method", "lora_scaling", "code_family", "targets", "files", "avg_bits")
+    missing = [k for k in required if k not in metadata]
+    if missing:
+        raise _corrupt(folder, f"{METADATA_FILE} lacks {', '.join(missing)}")
+    try:
+        files = {
+            str(rel): (int(info["bytes"]), str(info["sha256"])) for rel, info in metadata["files"].items()
+        }
+        metadata["targets"] = {str(n): (int(out), int(inp)) for n, (out, inp) in metadata["targets"].items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise _corrupt(folder, f"{METADATA_FILE} has a malformed 'files' or 'targets' entry") from None
+    for rel, (expected, checksum) in files.items():
+        file = folder / rel
+        if not file.is_file():
+            raise _corrupt(folder, f"file '{rel}' is missing")
+        size = file.stat().st_size
+        if size != expected:
+            raise _corrupt(folder, f"file '{rel}' has {size:,} bytes, {expected:,} expected (truncated?)")
+        if verify and sha256(file) != checksum:
+            raise _corrupt(folder, f"file '{rel}' does not match its checksum")
+    return metadata
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(folder / name)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _corrupt(folder, f"{name} cannot be read ({first_line(err)})") from None
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, folder: Path, file: str) -> torch.Tensor:
+    tensor = tensors.pop(key, None)
+    if tensor is None:
+        raise _corrupt(folder, f"tensor '{key}' is missing from {file}")
+    return tensor
+
+
+def _packed_from(
+    tensors: dict, name: str, shape: tuple[int, int], option: QuantOption, family: str, folder: Path
+) -> PackedTensor:
+    parts = {part: _take(tensors, f"{name}.{part}", folder, QUANTIZED_FILE) for part in PACKED_FIELDS}
+    for part, (dtype, count) in packed_layout(option, shape[0] * shape[1]).items():
+        tensor = parts[part]
+        if tensor.dtype != dtype or tensor.numel() != count:
+            raise _corrupt(
+                folder, f"'{name}.{part}' is {tensor.dtype} x {tensor.numel()}, not {dtype} x {count}"
+            )
+    return PackedTensor(shape=shape, option=option, family=family, **parts)
+
+
+def read_artifact(folder: str | os.PathLike, verify: bool = True) -> Artifact:
+    """Read and check an artifact folder; every inconsistency is a one-line :class:`CoaloraError`."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    metadata = read_metadata(folder, verify)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise _corrupt(folder, f"config or tokenizer unreadable ({first_line(err)})") from None
+    targets = metadata["targets"]
+    qconfig = None
+    packed: dict[str, PackedTensor] = {}
+    if QCONFIG_FILE in metadata["files"]:  # absent only for full-precision (fp) artifacts
+        qconfig = QConfig.load(folder / QCONFIG_FILE)
+        if list(qconfig.matrices) != list(targets):
+            raise _corrupt(
+                folder, f"{QCONFIG_FILE} does not cover the artifact's {len(targets)} target matrices"
+            )
+        tensors = _read_tensors(folder, QUANTIZED_FILE)
+        for name, shape in targets.items():
+            packed[name] = _packed_from(
+                tensors, name, shape, qconfig.matrices[name], metadata["code_family"], folder
+            )
+        if tensors:
+            raise _corrupt(folder, f"{QUANTIZED_FILE} holds unexpected tensor '{next(iter(tensors))}'")
+    tensors = _read_tensors(folder, ADAPTER_FILE)
+    adapter = {}
+    for name, (out_features, in_features) in targets.items():
+        a = _take(tensors, f"{name}.lora_A", folder, ADAPTER_FILE)
+        b = _take(tensors, f"{name}.lora_B", folder, ADAPTER_FILE)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (out_features, a.shape[0]):
+            raise _corrupt(folder, f"adapter of '{name}' has shapes {tuple(a.shape)}, {tuple(b.shape)}")
+        adapter[name] = (a, b)
+    if tensors:
+        raise _corrupt(folder, f"{ADAPTER_FILE} holds unexpected tensor '{next(iter(tensors))}'")
+    full = _read_tensors(folder, FULL_PRECISION_FILE)
+    return Artifact(metadata, hf_config, qconfig, packed, adapter, full, tokenizer)

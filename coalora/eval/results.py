@@ -1,0 +1,46 @@
+"""Evaluating a task at one configuration, and the record of one (checkpoint, configuration) result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from coalora.data.glue import glue_metrics, predictions_from_logits
+from coalora.quant.qconfig import QConfig
+
+
+@dataclass
+class EvalResult:
+    """One (checkpoint, configuration) evaluation."""
+
+    run: str
+    method: str
+    label: str  # '3.0' for a budget, a file name for a qconfig, 'random-3', 'seen-5', 'fp'
+    kind: str  # budget | qconfig | random | seen | own | fp
+    avg_bits: float | None
+    seen: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        data = asdict(self)
+        data.update(data.pop("metrics"))
+        return data
+
+
+@torch.no_grad()
+def evaluate_config(module, loader: Iterable[dict], config: QConfig | None, task: str) -> dict[str, float]:
+    """The task's GLUE metrics and mean loss of ``module`` under ``config`` on ``loader``."""
+    metrics = glue_metrics(task)
+    total, count = 0.0, 0
+    device = next(module.parameters()).device
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = module(batch, config)
+        total += float(module.loss(logits, batch)) * len(batch["labels"])
+        count += len(batch["labels"])
+        metrics.update(predictions_from_logits(logits, task).cpu(), batch["labels"].cpu())
+    values = {name: float(value) for name, value in metrics.compute().items()}
+    values["loss"] = total / max(count, 1)
+    return values

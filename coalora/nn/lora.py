@@ -1,0 +1,112 @@
+"""The one LoRA layer family, for training and deployment: y = x·Ŵᵀ + b + s·B·M·A·x (SPEC §3).
+
+:class:`LoRALinear` keeps the base weight and bias frozen. For training, the model sets the active
+dequantized weight Ŵ_C and the mapper's r×r adjustment M before each forward; with neither set the layer is
+plain LoRA on the full-precision base (the fp ceiling). For deployment, :meth:`LoRALinear.frozen` builds
+the same layer around a dequantized weight with the folded B·M as its B, so it needs no mapper.
+
+Where the frozen weight comes from is a backend, as in peft's per-backend dispatch: :func:`lora_layer`
+picks the class registered for a backend name in :data:`LAYER_BACKENDS` (``dense``: a full tensor; a
+packed low-bit backend that dequantizes inside ``forward`` registers itself there and overrides
+:meth:`LoRALinear.base_weight`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from coalora.errors import CoaloraError
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear map plus a (configuration-aware) LoRA path; parameter names match ``nn.Linear``'s
+    (``weight``, ``bias``) plus ``lora_A`` (r×in) and ``lora_B`` (out×r)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        """A fresh adapter on a copy of ``base``: A Kaiming-uniform, B zero (training starts at ``base``)."""
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        )
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        #: dequantized weight of the active configuration (None: the stored weight); not saved
+        self.active_weight: torch.Tensor | None = None
+        #: the mapper's r×r adjustment for the active configuration (None: identity)
+        self.mixer: torch.Tensor | None = None
+
+    @classmethod
+    def frozen(
+        cls, base: nn.Linear, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> LoRALinear:
+        """A deployment layer: ``base``'s weight (shared, not copied) and a fixed adapter (B already B·M)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = base.in_features, base.out_features
+        layer.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        layer.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        layer.rank = int(lora_A.shape[0])
+        layer.scaling = scaling
+        layer.lora_A = nn.Parameter(lora_A.to(base.weight), requires_grad=False)
+        layer.lora_B = nn.Parameter(lora_B.to(base.weight), requires_grad=False)
+        layer.dropout = nn.Identity()
+        layer.active_weight = None
+        layer.mixer = None
+        return layer
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen path's weight: the active dequantized one if set, else the stored one (a backend's
+        override point)."""
+        return self.weight if self.active_weight is None else self.active_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.base_weight(), self.bias)
+        hidden = F.linear(self.dropout(x), self.lora_A)
+        if self.mixer is not None:
+            hidden = F.linear(hidden, self.mixer)  # h·Mᵀ, i.e. M·A·x per token
+        return out + self.scaling * F.linear(hidden, self.lora_B)
+
+    def folded_B(self, mixer: torch.Tensor | None = None) -> torch.Tensor:
+        """B·M: with it the layer is a plain LoRA for one configuration (the one fold, used for export)."""
+        return self.lora_B if mixer is None else self.lora_B @ mixer
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with Ŵ + s·B·A (summed in float64 so merging adds no visible rounding)."""
+        weight = self.base_weight()
+        linear = nn.utils.skip_init(
+            nn.Linear, self.in_features, self.out_features, bias=self.bias is not None
+        )
+        delta = self.folded_B(self.mixer).double() @ self.lora_A.double()
+        linear.weight = nn.Parameter((weight.double() + self.scaling * delta).to(weight.dtype), False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+#: backend name -> layer class; a backend for another weight storage registers its subclass here
+LAYER_BACKENDS: dict[str, type[LoRALinear]] = {"dense": LoRALinear}
+
+
+def lora_layer(
+    base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, backend: str = "dense"
+) -> LoRALinear:
+    """A fresh LoRA layer around ``base`` from the class registered for ``backend``."""
+    if rank < 1:
+        raise CoaloraError(f"LoRA rank must be >= 1, got {rank}")
+    layer_class = LAYER_BACKENDS.get(backend)
+    if layer_class is None:
+        raise CoaloraError(f"unknown LoRA layer backend '{backend}'; use one of: {', '.join(LAYER_BACKENDS)}")
+    return layer_class(base, rank, alpha, dropout)

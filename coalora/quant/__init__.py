@@ -1,0 +1,6 @@
+"""Quantization, without Lightning: the option space (``options``), NormalFloat/int codebooks, the double
+quantizer and its packed form (``quantizer``), configurations and their files (``qconfig``), the target
+matrices of a model (``targets``), error tables (``error_table``), the knapsack solver (``knapsack``),
+allocation of configurations to bit budgets (``allocate``), the empirical Fisher (``fisher``) and LQ-LoRA's
+decomposition (``lqlora``). May import only :mod:`coalora.errors`, :mod:`coalora.utils` and
+:mod:`coalora.pretrained` (the Fisher loads a language-model head)."""

@@ -1,0 +1,165 @@
+"""From a bit budget to a configuration (SPEC §2.5): the error table's least-error choice within the budget.
+
+Costs are bits(c) * numel_i per matrix; :mod:`coalora.quant.knapsack` solves the choice exactly. Allocations
+are remembered on disk per (error table, budget), so a run allocates its training grid once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from coalora.errors import CoaloraError
+from coalora.quant.error_table import cached_error_table
+from coalora.quant.knapsack import solve_mckp
+from coalora.quant.options import OPTION_SPACE, QuantOption
+from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.utils import default_cache_dir
+
+#: The paper's evaluation budgets; none of them is on the default training grid.
+EVAL_BUDGETS: tuple[float, ...] = (2.5, 3.0, 3.5, 4.0)
+
+
+def budget_grid(start: float = 2.25, stop: float = 7.15, step: float = 0.10) -> list[float]:
+    """Budgets from ``start`` to ``stop`` inclusive, rounded so that 2.35 is 2.35, not 2.3500000000000001."""
+    if step <= 0 or stop < start:
+        raise CoaloraError(f"budget grid needs step > 0 and stop >= start; got {start}..{stop} step {step}")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    return [round(start + i * step, 10) for i in range(count)]
+
+
+def option_costs(space: ConfigSpace, options: Sequence[QuantOption] = OPTION_SPACE) -> np.ndarray:
+    """(N, K) storage bits of every option on every matrix: bits(option) * numel."""
+    bits = np.array([o.storage_bits for o in options], dtype=np.float64)
+    return space.numel.numpy()[:, None] * bits[None, :]
+
+
+def budget_range(options: Sequence[QuantOption] = OPTION_SPACE) -> tuple[float, float]:
+    """Cheapest and dearest achievable avg_bits (every matrix at the cheapest or dearest option)."""
+    bits = [o.storage_bits for o in options]
+    return min(bits), max(bits)
+
+
+def check_budget(budget_bits: float, options: Sequence[QuantOption] = OPTION_SPACE) -> None:
+    """Raise a one-line error when no configuration can meet ``budget_bits`` or it exceeds the dearest one."""
+    low, high = budget_range(options)
+    if not low <= budget_bits <= high:
+        raise CoaloraError(
+            f"budget {budget_bits:g} bits is outside the achievable range "
+            f"{math.ceil(low * 1e4) / 1e4:.4f}..{math.floor(high * 1e4) / 1e4:.4f} bits; choose one inside it"
+        )
+
+
+def allocate(
+    space: ConfigSpace,
+    errors: torch.Tensor | np.ndarray,
+    budget_bits: float,
+    options: Sequence[QuantOption] = OPTION_SPACE,
+) -> QConfig:
+    """The configuration with least total error whose avg_bits does not exceed ``budget_bits``."""
+    check_budget(budget_bits, options)
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.shape != (len(space), len(options)):
+        raise CoaloraError(
+            f"error table is {errors.shape}, expected ({len(space)}, {len(options)}); "
+            "recompute it for this model"
+        )
+    costs, capacity = _integer_costs(space, options, budget_bits)
+    choice = solve_mckp(errors, costs, capacity)
+    return space.make(options[j] for j in choice)
+
+
+def cached_allocate(
+    space: ConfigSpace,
+    errors: torch.Tensor | np.ndarray,
+    budget_bits: float,
+    cache_dir: str | os.PathLike | None = None,
+) -> QConfig:
+    """:func:`allocate`, remembered on disk per (error table, budget): a run allocates its grid once."""
+    table = np.ascontiguousarray(np.asarray(errors, dtype=np.float64))
+    digest = hashlib.sha256(table.tobytes() + "|".join(space.names).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / "allocations" / f"{digest}-{budget_bits:.4f}.json"
+    if path.is_file():
+        try:
+            return space.validate(QConfig.load(path))
+        except CoaloraError:
+            pass  # a stale or damaged entry: recompute it
+    config = allocate(space, table, budget_bits)
+    space.save(config, path)
+    return config
+
+
+def _integer_costs(
+    space: ConfigSpace, options: Sequence[QuantOption], budget_bits: float
+) -> tuple[np.ndarray, float]:
+    """Costs in exact integer units (1/1024 bit per gcd-of-sizes weights) when the options allow, else bits.
+
+    Every option of the paper's space costs a multiple of 1/1024 bit per weight, so the knapsack can be
+    solved in integers, where no solver tolerance can let a choice creep over the budget.
+    """
+    units = np.array([o.storage_bits * 1024 for o in options], dtype=np.float64)
+    if not np.array_equal(units, np.rint(units)):
+        return option_costs(space, options), budget_bits * space.total_numel
+    sizes = [t.numel for t in space.targets]
+    common = math.gcd(*sizes)
+    counts = np.array([n // common for n in sizes], dtype=np.float64)
+    return counts[:, None] * units[None, :], budget_bits * 1024 * (space.total_numel // common)
+
+
+def total_error(
+    space: ConfigSpace, errors: torch.Tensor, config: QConfig, options: Sequence[QuantOption] = OPTION_SPACE
+) -> float:
+    """Sum of the table's errors for the options ``config`` chose."""
+    column = {o: k for k, o in enumerate(options)}
+    return float(sum(errors[i, column[config.matrices[n]]] for i, n in enumerate(space.names)))
+
+
+def model_error_table(
+    model_name: str,
+    fisher_texts: list[str] | None = None,
+    family: str = "nf",
+    cache_dir: str | os.PathLike | None = None,
+    fisher_samples: int = 256,
+) -> tuple[ConfigSpace, torch.Tensor]:
+    """Load the backbone (as a classifier, whose module names the qconfig files use) and its error table."""
+    from coalora.pretrained import load_classifier
+    from coalora.quant.targets import discover_targets, target_weights
+    from coalora.utils import quiet_transformers
+
+    with quiet_transformers():
+        model = load_classifier(model_name, num_labels=2)
+    targets = discover_targets(model)
+    weights = target_weights(model, targets)
+    fisher = None
+    if fisher_texts is not None:
+        from coalora.quant.fisher import cached_fisher
+
+        fisher = cached_fisher(
+            model_name, fisher_texts, targets, weights, cache_dir, num_samples=fisher_samples
+        )
+    table = cached_error_table(weights, OPTION_SPACE, fisher, family, cache_dir)
+    return ConfigSpace(targets, model=model_name), table
+
+
+def allocate_for_model(
+    model_name: str,
+    budgets: list[float],
+    fisher_texts: list[str] | None = None,
+    family: str = "nf",
+    cache_dir: str | os.PathLike | None = None,
+) -> list[tuple[QConfig, float]]:
+    """One configuration (and its avg_bits) per budget, for a backbone named on the hub or a local folder."""
+    for budget in budgets:  # fail before the expensive part
+        check_budget(budget)
+    space, table = model_error_table(model_name, fisher_texts, family, cache_dir)
+    results = []
+    for budget in budgets:
+        config = allocate(space, table, budget)
+        results.append((config, space.avg_bits(config)))
+    return results

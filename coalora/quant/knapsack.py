@@ -1,0 +1,230 @@
+"""The multiple-choice knapsack behind allocation: one option per matrix, least total error, cost capped.
+
+Solved exactly by HiGHS (``scipy.optimize.milp``) after dominated options are dropped, with a Lagrangian
+greedy solution as a floor. No model or configuration types here: plain (N, K) error and cost arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import csr_array
+
+from coalora.errors import CoaloraError
+
+#: Relative slack allowed when checking a solution's cost against the capacity (float summation only).
+_COST_RTOL = 1e-12
+
+
+def pareto_options(errors: np.ndarray, costs: np.ndarray) -> list[int]:
+    """Indices of one row's non-dominated options, by rising cost (and falling error).
+
+    An option is dropped when another costs no more and errs no more (ties keep the lowest index), so
+    the optimum of the knapsack never needs it.
+    """
+    order = np.lexsort((np.arange(len(costs)), errors, costs))  # by cost, then error, then index
+    kept: list[int] = []
+    best = math.inf
+    for j in order:
+        if errors[j] < best:
+            kept.append(int(j))
+            best = errors[j]
+    return kept
+
+
+#: HiGHS stops within this relative gap of the optimum's error, or after this many seconds with the best
+#: feasible point. Near-tied tables (random or tiny weights) otherwise take minutes to prove optimality for
+#: a 1e-4 difference in quantization error that no accuracy number can see.
+MIP_REL_GAP = 1e-4
+
+MIP_TIME_LIMIT_S = 2.0
+
+
+def solve_mckp(
+    errors: torch.Tensor | np.ndarray, costs: torch.Tensor | np.ndarray, capacity: float
+) -> list[int]:
+    """Option index per row minimising total error with total cost <= capacity (multiple-choice knapsack).
+
+    Dominated options are dropped; a Lagrangian relaxation gives a feasible greedy choice; HiGHS solves the
+    integer program over the non-dominated options to within MIP_REL_GAP (or its time limit) and the
+    better of the two is returned. The result never exceeds ``capacity`` (see :func:`_solve_fronts`).
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    costs = np.asarray(costs, dtype=np.float64)
+    if errors.shape != costs.shape or errors.ndim != 2 or errors.size == 0:
+        raise CoaloraError(
+            f"errors {errors.shape} and costs {costs.shape} must be equal, non-empty (N, K) arrays"
+        )
+    if not (np.isfinite(errors).all() and np.isfinite(costs).all()):
+        raise CoaloraError("errors and costs must be finite; recompute the error table")
+    cheapest = costs.min(axis=1).sum()
+    if cheapest > capacity * (1 + _COST_RTOL):
+        raise CoaloraError(
+            f"capacity {capacity:g} is below the cheapest choice {cheapest:g}; raise the budget"
+        )
+    rows = np.arange(len(errors))
+    least = np.argmin(errors, axis=1)
+    if costs[rows, least].sum() <= capacity:  # the least-error choice fits: nothing can beat it
+        return [int(j) for j in least]
+    fronts = [pareto_options(e, c) for e, c in zip(errors, costs, strict=True)]
+    _, _, greedy = _lagrangian(errors, costs, capacity)
+    choice = _solve_fronts(errors, costs, fronts, capacity)
+    best = min((choice, [int(j) for j in greedy]), key=lambda c: errors[rows, c].sum())
+    return [int(j) for j in best]
+
+
+def _lagrangian(
+    errors: np.ndarray, costs: np.ndarray, capacity: float
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Lower bound, reduced costs and a feasible greedy choice from the Lagrangian relaxation.
+
+    For a multiplier lam >= 0, sum_i min_c (e_ic + lam * w_ic) - lam * capacity bounds every feasible
+    solution from below, and one using option c of matrix i errs at least that plus c's reduced cost. lam is
+    bisected to where the minimiser's cost crosses the capacity, which makes the bound the LP bound.
+    """
+    error_scale = max(float(np.abs(errors).max()), 1e-300)
+    cost_scale = max(abs(capacity), 1e-300)
+    e, c, cap = errors / error_scale, costs / cost_scale, capacity / cost_scale  # lam stays O(1)
+    rows = np.arange(len(e))
+
+    def spent(lam: float) -> float:
+        return float(c[rows, np.argmin(e + lam * c, axis=1)].sum())
+
+    low, high = 0.0, 1.0
+    for _ in range(200):  # grow until the minimiser fits (the cheapest choice does)
+        if spent(high) <= cap:
+            break
+        low, high = high, high * 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (low, middle) if spent(middle) <= cap else (middle, high)
+    bounds = {lam: float((e + lam * c).min(axis=1).sum()) - lam * cap for lam in (low, high)}
+    lam = max(bounds, key=bounds.__getitem__)
+    shifted = e + lam * c
+    reduced = (shifted - shifted.min(axis=1, keepdims=True)) * error_scale
+    greedy = np.argmin(e + high * c, axis=1)
+    if costs[rows, greedy].sum() > capacity:  # only if lam failed to grow far enough: start cheapest
+        greedy = np.argmin(costs, axis=1)
+    return bounds[lam] * error_scale, reduced, _fill_up(greedy, errors, costs, capacity)
+
+
+def _fill_up(choice: np.ndarray, errors: np.ndarray, costs: np.ndarray, capacity: float) -> np.ndarray:
+    """Greedily spend leftover capacity on the upgrade that cuts the most error."""
+    choice = choice.copy()
+    rows = np.arange(len(choice))
+    for _ in range(10 * len(choice)):
+        leftover = capacity - costs[rows, choice].sum()
+        gain = errors[rows, choice][:, None] - errors
+        gain[costs - costs[rows, choice][:, None] > leftover] = 0.0
+        i, j = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[i, j] <= 0:
+            break
+        choice[i] = j
+    return choice
+
+
+def _solve_fronts(
+    errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], capacity: float
+) -> list[int]:
+    """The best choice among ``fronts``' options whose float64 cost is within ``capacity``.
+
+    Integer costs (what :func:`allocate` passes) are solved as integers, exactly. Otherwise HiGHS works in
+    scaled floats and may accept a point over capacity by its feasibility tolerance: then the capacity is
+    cut by the excess and the problem solved again, with cheapest downgrades as the last resort.
+    """
+    integral = bool(np.all(costs == np.round(costs))) and float(np.abs(costs).sum(axis=1).max()) < 2.0**52
+    limit = float(math.floor(capacity * (1 + _COST_RTOL))) if integral else float(capacity)
+    rows = np.arange(len(fronts))
+    choice = _milp_choice(errors, costs, fronts, limit, scale_costs=not integral)
+    if choice is None:
+        raise CoaloraError("the knapsack solver found no feasible choice; try a larger budget")
+    for _ in range(3):
+        excess = costs[rows, choice].sum() - capacity
+        if excess <= abs(capacity) * _COST_RTOL:
+            return choice
+        limit -= excess
+        choice = _milp_choice(errors, costs, fronts, limit, scale_costs=not integral) or choice
+    return _repair(choice, fronts, errors, costs, capacity)
+
+
+def _milp_choice(
+    errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], limit: float, scale_costs: bool
+) -> list[int] | None:
+    """One HiGHS solve over the given options: binaries, one-hot rows per matrix, a capacity row.
+
+    None when HiGHS finds no feasible point (only possible after a capacity cut on float costs).
+    """
+    rows = np.repeat(np.arange(len(fronts)), [len(f) for f in fronts])
+    cols = np.concatenate(fronts)
+    err = errors[rows, cols]
+    cost = costs[rows, cols]
+    # objective >= sum of each row's least error: scale so that it is >= 1 and the relative gap bites
+    floor = float(errors.min(axis=1).sum())
+    err_scale = floor if floor > 0 else max(float(np.abs(err).max()), 1e-300)
+    cost_scale = max(abs(limit), 1e-300) if scale_costs else 1.0
+    onehot = csr_array((np.ones(len(rows)), (rows, np.arange(len(rows)))), shape=(len(fronts), len(rows)))
+    constraints = [
+        LinearConstraint(onehot, 1, 1),
+        LinearConstraint((cost / cost_scale).reshape(1, -1), -np.inf, limit / cost_scale),
+    ]
+    with _native_stdout_silenced():
+        result = milp(
+            err / err_scale,
+            constraints=constraints,
+            integrality=np.ones(len(rows)),
+            bounds=Bounds(0, 1),
+            options={"mip_rel_gap": MIP_REL_GAP, "time_limit": MIP_TIME_LIMIT_S},
+        )
+    if result.x is None:
+        return None
+    starts = np.cumsum([0] + [len(f) for f in fronts[:-1]])
+    return [int(f[int(np.argmax(result.x[s : s + len(f)]))]) for f, s in zip(fronts, starts, strict=True)]
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Hide what native code writes to fd 1: HiGHS 1.x prints a stray debug line (ERGO-Code/HiGHS#2783)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1 at all
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _repair(
+    choice: list[int], fronts: list[list[int]], errors: np.ndarray, costs: np.ndarray, capacity: float
+) -> list[int]:
+    """Downgrade matrices (least error added per bit saved) until the exact cost fits the capacity."""
+    choice = list(choice)
+    rows = np.arange(len(choice))
+    while costs[rows, choice].sum() > capacity * (1 + _COST_RTOL):
+        best: tuple[float, int, int] | None = None
+        for i, front in enumerate(fronts):
+            for j in front:
+                saved = costs[i, choice[i]] - costs[i, j]
+                if saved > 0:
+                    rate = (errors[i, j] - errors[i, choice[i]]) / saved
+                    if best is None or rate < best[0]:
+                        best = (rate, i, j)
+        if best is None:  # unreachable: the cheapest choice fits, checked by the caller
+            raise CoaloraError("cannot fit the budget; choose a larger one")
+        choice[best[1]] = best[2]
+    return choice

@@ -1,0 +1,385 @@
+"""The task base class: CoA-LoRA and its baselines on one quantized backbone (SPEC §4, §6, §7).
+
+In the style of torchgeo's ``trainers/base.py``: :class:`CoALoRATask` owns what every task shares — the
+configuration sets (training and evaluation), drawing K configurations per step, the quantized-weight
+cache (through :class:`~coalora.nn.model.CoALoRAModel`), LQ-LoRA's pinned base, the optimizer and the
+checkpoint hooks. A subclass owns the backbone's Auto class (:meth:`load_backbone`), the loss and the
+metrics. What each method trains and serves is one row of :data:`~coalora.tasks.methods.METHODS`.
+
+The configuration sets are part of the task's state and of every checkpoint; CoA-LoRA's and
+Shared-LoRA's are allocated on first use, so a task loaded from a checkpoint never runs the allocator.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import nn
+
+from coalora.errors import CoaloraError
+from coalora.nn.model import CoALoRAModel
+from coalora.pretrained import DEFAULT_MODEL
+from coalora.quant.allocate import EVAL_BUDGETS, budget_grid, cached_allocate, check_budget
+from coalora.quant.error_table import cached_error_table
+from coalora.quant.lqlora import lqlora_decompose, lqlora_residuals
+from coalora.quant.qconfig import QConfig
+from coalora.quant.targets import target_weights, weights_fingerprint
+from coalora.tasks.methods import Method, MethodSpec, method_spec
+from coalora.utils import budget_label
+
+FP_LABEL = "fp"
+#: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
+TASK_TYPES: dict[str, type[CoALoRATask]] = {}
+
+
+class CoALoRATask(L.LightningModule, ABC):
+    """Configuration-aware LoRA fine-tuning of a quantized Hugging Face backbone."""
+
+    #: the name checkpoints record, so the one checkpoint reader rebuilds the right task
+    task_type: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.task_type:
+            TASK_TYPES[cls.task_type] = cls
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        method: Method = "coalora",
+        rank: int = 8,
+        alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        configs_per_step: int = 2,
+        train_budgets: list[float] | None = None,
+        eval_budgets: list[float] | None = None,
+        train_budget: float | None = None,
+        qconfig: str | None = None,
+        code_family: str = "nf",
+        lqlora_iters: int = 2,
+        mapper_embed_dim: int = 8,
+        mapper_hidden: int = 128,
+        quant_cache_gb: float = 4.0,
+        seed: int = 42,
+    ) -> None:
+        """
+        Args:
+            model_name: hub name or local folder of the backbone (offline first).
+            method: what trains and serves; see :mod:`coalora.tasks.methods`.
+            rank, alpha, lora_dropout: the LoRA adapter; its scaling is alpha / rank.
+            lr, weight_decay: AdamW over LoRA, mapper and task head.
+            configs_per_step: K, CoA-LoRA's configurations per training step.
+            train_budgets: CoA-LoRA's training budgets (default the grid 2.25, 2.35, ..., 7.15).
+            eval_budgets: budgets validated and tested at (default 2.5, 3.0, 3.5, 4.0).
+            train_budget, qconfig: QLoRA/LQ-LoRA's one configuration (a budget, or a qconfig file).
+            code_family: ``nf`` (NormalFloat) or ``int`` codes.
+            lqlora_iters: alternations of LQ-LoRA's decomposition.
+            mapper_embed_dim, mapper_hidden: the configuration-aware network.
+            quant_cache_gb: bound of the dequantized-weight cache.
+            seed: the run's seed (each step's draw of configurations; the data module follows it).
+        """
+        super().__init__()
+        self.method: MethodSpec = method_spec(method)
+        if self.method.fixed and self.method.quantized and train_budget is None and qconfig is None:
+            raise CoaloraError(f"method '{method}' trains for one configuration: set train_budget or qconfig")
+        if configs_per_step < 1:
+            raise CoaloraError(f"configs_per_step must be >= 1, got {configs_per_step}")
+        self.save_hyperparameters()
+        backbone = self.load_backbone()
+        self.model = CoALoRAModel(
+            backbone,
+            model_name,
+            rank=rank,
+            alpha=alpha,
+            dropout=lora_dropout,
+            use_mapper=self.method.uses_mapper,
+            mapper_embed_dim=mapper_embed_dim,
+            mapper_hidden=mapper_hidden,
+            code_family=code_family,
+            cache_bytes=int(quant_cache_gb * (1 << 30)),
+        )
+        weights = target_weights(backbone, self.model.space.targets)
+        self.fingerprint = weights_fingerprint(weights)
+        self._eval_configs: dict[str, QConfig | None] | None = None
+        self._train_configs: list[QConfig] | None = None
+        self._error_table: torch.Tensor | None = None
+        #: LQ-LoRA's Q(W − L) for its one configuration (empty for other methods)
+        self.pinned_weights: dict[str, torch.Tensor] = {}
+        if self.method.quantized:  # a bad budget fails now, not at the first (lazy) allocation
+            for budget in (
+                *self._budgets(),
+                *(train_budgets or []),
+                *([train_budget] if train_budget else []),
+            ):
+                check_budget(budget)
+        if self.method.fixed:  # one configuration at most, and LQ-LoRA's init needs it now
+            self._allocate_fixed(weights)
+        self.configure_metrics(list(self._eval_configs) if self._eval_configs is not None else self._labels())
+
+    # -- what a subclass provides ------------------------------------------------------------------------
+    @abstractmethod
+    def load_backbone(self) -> nn.Module:
+        """The pretrained backbone with its task head (the Auto class is the subclass's), in train mode."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The training objective of ``outputs`` (what :meth:`forward` returns) on ``batch``, in fp32."""
+
+    @abstractmethod
+    def configure_metrics(self, labels: list[str]) -> None:
+        """Create one set of metrics per evaluation configuration label."""
+
+    @abstractmethod
+    def update_metrics(self, label: str, outputs: torch.Tensor, batch: dict) -> None:
+        """Accumulate one evaluation batch into the metrics of configuration ``label``."""
+
+    @abstractmethod
+    def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
+        """The accumulated metrics of configuration ``label`` (and reset them)."""
+
+    @property
+    @abstractmethod
+    def main_metric(self) -> str:
+        """The metric the progress bar shows and runs are ranked by."""
+
+    # -- configurations ----------------------------------------------------------------------------------
+    @property
+    def eval_configs(self) -> dict[str, QConfig | None]:
+        """Evaluation configurations by label (the budget, or "fp")."""
+        if self._eval_configs is None:
+            self._eval_configs = {label: self._at(b) for label, b in zip(self._labels(), self._budgets())}
+        return self._eval_configs
+
+    @eval_configs.setter
+    def eval_configs(self, configs: dict[str, QConfig | None]) -> None:
+        self._eval_configs = dict(configs)
+
+    @property
+    def train_configs(self) -> list[QConfig]:
+        """The configurations training draws from (the search callback replaces them between epochs)."""
+        if self._train_configs is None:
+            if self.method.train_set == "eval":
+                self._train_configs = [c for c in self.eval_configs.values() if c is not None]
+            else:
+                hp = self.hparams
+                grid = budget_grid() if hp.train_budgets is None else hp.train_budgets
+                self._train_configs = list(dict.fromkeys(self._at(b) for b in grid))
+        return self._train_configs
+
+    @train_configs.setter
+    def train_configs(self, configs: Sequence[QConfig]) -> None:
+        self._train_configs = list(configs)
+
+    def _budgets(self) -> tuple[float, ...]:
+        return EVAL_BUDGETS if self.hparams.eval_budgets is None else tuple(self.hparams.eval_budgets)
+
+    def _labels(self) -> list[str]:
+        return [budget_label(b) for b in self._budgets()]
+
+    def error_table(self) -> torch.Tensor:
+        """The allocator's error table for this backbone (cached on disk, and here after the first use)."""
+        if self._error_table is None:
+            weights = target_weights(self.model.backbone, self.model.space.targets)
+            self._error_table = cached_error_table(weights, family=self.hparams.code_family)
+        return self._error_table
+
+    def _at(self, budget: float) -> QConfig:
+        """The allocated configuration for ``budget`` (error table and allocation cached on disk)."""
+        return cached_allocate(self.model.space, self.error_table(), budget)
+
+    def _allocate_fixed(self, weights: dict[str, torch.Tensor]) -> None:
+        """fp, QLoRA and LQ-LoRA: the one configuration they train and evaluate at."""
+        hp = self.hparams
+        if not self.method.quantized:
+            self._eval_configs, self._train_configs = {FP_LABEL: None}, []
+            return
+        space = self.model.space
+        if hp.qconfig is not None:
+            config = space.load(hp.qconfig)
+            label = budget_label(space.avg_bits(config))
+        else:
+            config, label = self._at(hp.train_budget), budget_label(hp.train_budget)
+        self._eval_configs, self._train_configs = {label: config}, [config]
+        if self.method.lqlora_init:
+            self._init_lqlora(config, weights)
+
+    def _init_lqlora(self, config: QConfig, weights: dict[str, torch.Tensor]) -> None:
+        """Initialise A, B from LQ-LoRA's decomposition and pin Q(W − L) as the base weights."""
+        hp = self.hparams
+        for name, layer in zip(self.model.space.names, self.model.layers, strict=True):
+            option = config.matrices[name]
+            quantized, left, right = lqlora_decompose(
+                weights[name], option, layer.rank, hp.lqlora_iters, hp.code_family
+            )
+            root = layer.scaling**0.5
+            with torch.no_grad():
+                layer.lora_B.copy_(left / root)
+                layer.lora_A.copy_(right / root)
+            self.pinned_weights[name] = quantized.to(layer.weight.dtype)
+        self.model.set_fixed_weights(self.pinned_weights, config)
+
+    @property
+    def own_config(self) -> QConfig | None:
+        """The one configuration a qlora/lqlora adapter was trained for (None: not such a method, or fp)."""
+        return self.train_configs[0] if self.method.train_set == "own" else None
+
+    def set_training_configs(self, configs: Sequence[QConfig]) -> None:
+        """Replace the training configuration set (the search callback calls this between epochs)."""
+        if not configs:
+            raise CoaloraError("the training configuration set cannot be empty")
+        self.train_configs = [self.model.space.validate(c) for c in configs]
+
+    def sample_configs(self) -> list[QConfig | None]:
+        """This step's configurations, seeded by the global step: DDP ranks and resumed runs agree."""
+        if not self.method.quantized:
+            return [None]
+        if self.method.train_set == "own":
+            return [self.train_configs[0]]
+        k = (
+            1
+            if self.method.per_step == "one"
+            else min(self.hparams.configs_per_step, len(self.train_configs))
+        )
+        generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+        picks = torch.randperm(len(self.train_configs), generator=generator)[:k]
+        return [self.train_configs[int(i)] for i in picks]
+
+    def activate(self, config: QConfig | None) -> None:
+        """Set the backbone's weights for ``config``: LQ-LoRA's pinned base, else the quantized weights."""
+        if config is self.model.active_config:
+            return
+        if self.method.lqlora_init and config is not None:
+            device = self.model.layers[0].weight.device
+            self.model.set_fixed_weights({n: w.to(device) for n, w in self.pinned_weights.items()}, config)
+        else:
+            self.model.set_config(config)
+
+    @torch.no_grad()
+    def weights_to_quantize(self, config: QConfig) -> dict[str, torch.Tensor]:
+        """W for every target; for LQ-LoRA the residual W − L whose quantization the adapter trained on."""
+        weights = target_weights(self.model.backbone, self.model.space.targets)
+        if not self.method.lqlora_init:
+            return weights
+        hp = self.hparams
+        return lqlora_residuals(
+            weights, config, self.pinned_weights, self.model.layers[0].rank, hp.lqlora_iters, hp.code_family
+        )
+
+    def on_fit_start(self) -> None:
+        """Every DDP rank trains on rank 0's configuration sets (allocation is deterministic, but be sure)."""
+        if self.trainer.world_size > 1:
+            self.train_configs, self.eval_configs = self.trainer.strategy.broadcast(
+                (self.train_configs, self.eval_configs), src=0
+            )
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def forward(self, batch: dict, config: QConfig | None) -> torch.Tensor:
+        """The backbone's logits for ``batch`` under ``config`` (``labels`` are not passed to it)."""
+        self.activate(config)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self.model(config, **inputs).logits
+
+    def batch_loss(self, batch: dict, config: QConfig | None) -> torch.Tensor:
+        """The loss of ``batch`` under ``config`` (the search scores configurations with it)."""
+        return self.loss(self(batch, config), batch)
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return len(batch["input_ids"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        configs = self.sample_configs()
+        loss = sum(self.batch_loss(batch, c) for c in configs) / len(configs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        for label, config in self.eval_configs.items():
+            outputs = self(batch, config)
+            self.update_metrics(label, outputs, batch)
+            loss = self.loss(outputs, batch)
+            self.log(f"{stage}/loss@{label}", loss, batch_size=self.batch_size(batch), sync_dist=True)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        totals: dict[str, float] = {}
+        for label in self.eval_configs:
+            for name, value in self.compute_metrics(label).items():
+                self.log(f"{stage}/{name}@{label}", value, sync_dist=True)
+                totals[name] = totals.get(name, 0.0) + float(value) / len(self.eval_configs)
+        for name, value in totals.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == self.main_metric, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save what training changed (LoRA, mapper, head) and the configuration sets, not the frozen
+        backbone: loading rebuilds it from ``model_name`` and checks the weights' fingerprint."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["coalora"] = {
+            "task": self.task_type,
+            "fingerprint": self.fingerprint,
+            "train_configs": [c.to_json() for c in self.train_configs],
+            "eval_configs": {k: None if c is None else c.to_json() for k, c in self.eval_configs.items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("coalora")
+        if state is None:
+            raise CoaloraError("checkpoint has no coalora state; was it written by `coalora fit`?")
+        written_by = state.get("task", self.task_type)
+        if written_by != self.task_type:
+            raise CoaloraError(
+                f"checkpoint was written by a '{written_by}' task, not '{self.task_type}'; "
+                "load it with that task (or `coalora evaluate`, which picks the task itself)"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise CoaloraError(
+                f"checkpoint was trained on another backbone (weights {state['fingerprint']}, "
+                f"this model {self.fingerprint}); pass the model_name it was trained with"
+            )
+        for key, value in self.state_dict().items():  # the frozen backbone, verified by the fingerprint above
+            checkpoint["state_dict"].setdefault(key, value)
+        space = self.model.space
+        self.train_configs = [space.validate(QConfig.from_json(c)) for c in state["train_configs"]]
+        self.eval_configs = {
+            k: None if c is None else space.validate(QConfig.from_json(c))
+            for k, c in state["eval_configs"].items()
+        }
+
+    def describe(self) -> str:
+        """One JSON line summarising what the task trains (for logs)."""
+        space = self.model.space
+        evals = {k: None if c is None else round(space.avg_bits(c), 4) for k, c in self.eval_configs.items()}
+        return json.dumps(
+            {
+                "method": self.method.name,
+                "targets": len(space),
+                "train_configs": len(self.train_configs),
+                "eval": evals,
+                "trainable": sum(p.numel() for p in self.model.trainable_parameters()),
+            }
+        )

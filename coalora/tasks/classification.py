@@ -1,0 +1,68 @@
+"""GLUE sequence classification (and STS-B regression): the encoder task of the paper's Table 2."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from coalora.data.glue import TaskSpec, get_task, glue_metrics, predictions_from_logits
+from coalora.pretrained import load_classifier
+from coalora.tasks.base import CoALoRATask
+
+
+class ClassificationTask(CoALoRATask):
+    """CoA-LoRA (or a baseline) on an ``AutoModelForSequenceClassification`` backbone for a GLUE task.
+
+    Cross-entropy on the labels (mean squared error for STS-B), the task's GLUE metrics per evaluation
+    configuration. Every other argument is :class:`~coalora.tasks.base.CoALoRATask`'s.
+    """
+
+    task_type = "classification"
+
+    def __init__(self, task: str = "sst2", **kwargs: Any) -> None:
+        """
+        Args:
+            task: the GLUE task (``sst2``, ``rte``, ``SST-2`` ...): its labels size the head.
+            **kwargs: the base class's arguments (method, rank, budgets, ...).
+        """
+        get_task(task)  # fail on a typo before the backbone loads
+        super().__init__(**kwargs)
+
+    @property
+    def spec(self) -> TaskSpec:
+        return get_task(self.hparams.task)
+
+    def load_backbone(self) -> nn.Module:
+        return load_classifier(self.hparams.model_name, num_labels=self.spec.num_labels)
+
+    def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.spec.is_regression:
+            return nn.functional.mse_loss(outputs.view(-1).float(), labels.float())
+        return nn.functional.cross_entropy(outputs.float(), labels)
+
+    def configure_metrics(self, labels: list[str]) -> None:
+        self.metrics = nn.ModuleDict({_key(label): glue_metrics(self.hparams.task) for label in labels})
+
+    def update_metrics(self, label: str, outputs: torch.Tensor, batch: dict) -> None:
+        self.metrics[_key(label)].update(predictions_from_logits(outputs, self.hparams.task), batch["labels"])
+
+    def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
+        values = self.metrics[_key(label)].compute()
+        self.metrics[_key(label)].reset()
+        return values
+
+    @property
+    def main_metric(self) -> str:
+        return self.spec.main_metric
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.spec.label_names)
+
+
+def _key(label: str) -> str:
+    """A ModuleDict key for a configuration label (no dots allowed there)."""
+    return "at_" + label.replace(".", "_")

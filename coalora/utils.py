@@ -1,0 +1,100 @@
+"""Small helpers every room uses: thread limits, quiet transformers, one-line error text, budget labels,
+the cache folder and atomic writes. Imports nothing of coalora but :mod:`coalora.errors`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int | None) -> Iterator[None]:
+    """Limit torch's CPU threads to ``count`` for the block (None: leave them as they are).
+
+    Quantizing, GP fitting and candidate search are chains of short ops that gain little from a second
+    thread, and OpenMP's barriers make them many times slower whenever another process holds a core.
+    """
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars (e.g. 'classifier newly initialised')."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (or its type's name): errors we wrap must stay one line."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's whole message folded onto one line (for messages we wrote, which may wrap)."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def budget_label(budget: float, decimals: int = 2) -> str:
+    """A budget as text: 3 -> '3.0', 2.25 -> '2.25', 2.35 -> '2.35'.
+
+    Metric names use two decimals (``val/accuracy@3.0``); ``coalora allocate`` names files with four
+    (``2.125bits.json``).
+    """
+    text = f"{budget:.{decimals}f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def default_cache_dir() -> Path:
+    """``$COALORA_CACHE`` if set, else ``~/.cache/coalora`` (error tables, allocations, Fisher)."""
+    env = os.environ.get("COALORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "coalora"
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
