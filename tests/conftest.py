@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random backbones built in code, the shared GLUE data, offline settings."""
+"""Shared fixtures: tiny random backbones built in code, GLUE data, offline settings.
+
+``glue_dir`` is the committed ``tests/fixtures/glue_tiny`` (a small SST-2 made from templates), so the
+default suite needs nothing beside the checkout; ``shared_glue_dir`` is the real data in ``../shared/data``
+(or ``GLUE_DIR``), and tests that need it are skipped, with the reason, where it is absent."""
 
 from __future__ import annotations
 
@@ -22,10 +26,18 @@ if "COALORA_CACHE" not in os.environ:  # one cache per test session: error table
 
     os.environ["COALORA_CACHE"] = tempfile.mkdtemp(prefix="coalora-test-cache-")
 SHARED_DATA = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
+TINY_GLUE = REPO / "tests" / "fixtures" / "glue_tiny"
 
 
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
+    """A GLUE folder with SST-2 (train, dev, and the ``sst2/sentence/stsa.binary.train`` the configs use)."""
+    return TINY_GLUE
+
+
+@pytest.fixture(scope="session")
+def shared_glue_dir() -> Path:
+    """The real GLUE data; tests that need its sizes or sentences are skipped without it."""
     if not (SHARED_DATA / "sst2" / "dev.tsv").is_file():
         pytest.skip(f"shared GLUE data not found at {SHARED_DATA}")
     return SHARED_DATA

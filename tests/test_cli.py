@@ -175,7 +175,10 @@ def test_evaluate_writes_table_json_csv_and_plot(tiny_models_dir, glue_dir, tmp_
     [
         (["fit", "--config", "no/such.yaml"], "File does not exist"),
         (["fit", "--config", BASE_CONFIGS[0], "--model.no_such_option", "1"], "no_such_option"),
-        (["fit", "--config", BASE_CONFIGS[0], "--model.method", "magic"], "model.method must be one of 'coalora'"),
+        (
+            ["fit", "--config", BASE_CONFIGS[0], "--model.method", "magic"],
+            "model.method must be one of 'coalora'",
+        ),
         (["evaluate", "--ckpt", "missing.ckpt"], "does not exist"),
         (["evaluate"], "required: --ckpt"),
     ],

@@ -1,0 +1,3 @@
+"""The plain subcommands of ``coalora`` (``fit``/``validate``/``test`` are LightningCLI's): one module per
+command, each with ``add_arguments(parser)`` and ``run(args)``; :mod:`coalora.cli` dispatches to them. May
+import every room; heavy imports happen inside ``run`` so ``coalora --help`` stays fast."""

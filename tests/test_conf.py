@@ -1,0 +1,50 @@
+"""The tiny test YAMLs under ``tests/conf`` run end to end through ``main([...])`` on committed fixtures:
+fit (with the search), then validate and test from the checkpoint it wrote, and evaluate it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coalora.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tests/conf/sst2_tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the YAMLs name the fixtures relative to the repository root
+
+
+def _run_dir_args(tmp_path: Path) -> list[str]:
+    out = str(tmp_path / "run")
+    return ["--trainer.default_root_dir", out, "--trainer.logger.init_args.save_dir", out]
+
+
+def test_tiny_yaml_fits_validates_tests_and_evaluates(tiny_models_dir, tmp_path, capsys):
+    model = ["--model.model_name", str(tiny_models_dir / "tiny-bert")]
+    assert main(["fit", "--config", TINY, *model, *_run_dir_args(tmp_path)]) == 0
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    archive = json.loads(next((tmp_path / "run").rglob("search_archive.json")).read_text())
+    assert archive["epoch"] == 1 and any(e["training"] for e in archive["entries"])
+    for stage in ("validate", "test"):
+        args = [stage, "--config", TINY, *model, *_run_dir_args(tmp_path), "--ckpt_path", str(last)]
+        assert main(args) == 0
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", "--ckpt", str(last), "--glue-dir", "tests/fixtures/glue_tiny", "--out", str(out)])
+        == 0
+    )
+    results = json.loads((out / "eval.json").read_text())["results"]
+    assert [r["label"] for r in results] == ["3.0"] and 0.0 <= results[0]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("overlay", ["configs/baselines/qlora.yaml", "configs/baselines/fp.yaml"])
+def test_tiny_yaml_with_a_baseline_overlay(overlay, tiny_models_dir, tmp_path):
+    args = ["fit", "--config", TINY, "--config", overlay, *_run_dir_args(tmp_path)]
+    args += ["--model.model_name", str(tiny_models_dir / "tiny-bert"), "--trainer.max_epochs", "1"]
+    assert main(args) == 0
+    assert next((tmp_path / "run").rglob("last.ckpt")).is_file()
