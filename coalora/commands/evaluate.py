@@ -18,6 +18,7 @@ from coalora.eval.report import format_table, summarise, write_outputs
 from coalora.eval.results import EvalResult, evaluate_config
 
 if TYPE_CHECKING:
+    from coalora.quant.qconfig import QConfig
     from coalora.tasks.base import CoALoRATask
 
 
@@ -58,7 +59,9 @@ def _dev_loader(module: CoALoRATask, args: argparse.Namespace, data_hparams: dic
     return data.val_dataloader()
 
 
-def configs_to_evaluate(module: CoALoRATask, args: argparse.Namespace) -> list[tuple[str, str, object]]:
+def configs_to_evaluate(
+    module: CoALoRATask, args: argparse.Namespace
+) -> list[tuple[str, str, QConfig | None]]:
     """(label, kind, config) triples for one checkpoint."""
     from coalora.quant.allocate import allocate
     from coalora.utils import budget_label
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             bits = None if config is None else module.model.space.avg_bits(config)
             results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics))
             print(f"  {run_name} {label}: {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)
+    assert task is not None  # argparse requires at least one --ckpt
     out = Path(args.out) if args.out else Path(args.ckpt[0]).resolve().parent / "eval"
     paths = write_outputs(results, task, out)
     print(format_table(results, task))

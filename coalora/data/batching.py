@@ -3,6 +3,8 @@ per batch, shuffled as a function of (seed, epoch), and a seeded held-out search
 
 from __future__ import annotations
 
+from collections.abc import Sized
+
 import torch
 from torch.utils.data import Dataset, RandomSampler
 
@@ -25,7 +27,7 @@ class EpochShuffler(RandomSampler):
     for a ``DistributedSampler``, which is itself seeded per epoch.
     """
 
-    def __init__(self, data_source: Dataset, seed: int) -> None:
+    def __init__(self, data_source: Sized, seed: int) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = seed
         self.epoch = 0

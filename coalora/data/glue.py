@@ -197,7 +197,7 @@ def glue_metrics(task: str) -> MetricCollection:
     }
     with warnings.catch_warnings():  # Spearman warns that it buffers every prediction: fine for GLUE dev sets
         warnings.filterwarnings("ignore", message=".*will save all targets and predictions.*")
-        metrics: dict[str, Metric] = {
+        metrics: dict[str, Metric | MetricCollection] = {
             key: MulticlassAccuracy(num_classes=spec.num_labels, average="micro")
             if key == "accuracy"
             else factories[key]()

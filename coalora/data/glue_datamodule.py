@@ -7,7 +7,7 @@ training) so the configuration search is scored on examples the adapters never t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -36,6 +36,11 @@ def _check_count(name: str, value: int | None, minimum: int) -> None:
 
 class GLUEDataModule(L.LightningDataModule):
     """One GLUE task: train (minus the search split), search, and dev (used for validation and test)."""
+
+    if TYPE_CHECKING:  # Lightning types hparams as a plain mapping; ours are attribute-accessed arguments
+
+        @property
+        def hparams(self) -> Any: ...
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
 from coalora.data.glue import HUB_DATASET, HUB_SPLITS, Row, TaskSpec, get_task, split_name
 from coalora.errors import CoaloraError
@@ -143,6 +144,7 @@ def _read_table(text: str, path: Path, spec: TaskSpec) -> list[Row]:
     first = text.partition("\n")[0].rstrip("\r")
     header = first.split("\t")
     layout = _choose_layout(text, header, path, spec)
+    quoting: Literal[0, 1, 2, 3]
     if layout == "hf":
         quoting, columns, label_column, label_last = csv.QUOTE_MINIMAL, spec.text_fields, "label", False
     else:

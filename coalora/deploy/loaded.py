@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,8 +18,11 @@ from coalora.quant.qconfig import QConfig
 from coalora.quant.targets import discover_targets
 from coalora.utils import intra_op_threads, quiet_transformers
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def plain_model(artifact: Artifact) -> nn.Module:
+
+def plain_model(artifact: Artifact) -> PreTrainedModel:
     """The HF classifier from the artifact's config with dequantized targets (no adapter), in eval mode."""
     from transformers import AutoModelForSequenceClassification
 

@@ -62,7 +62,8 @@ def write_peft(artifact: Artifact, out: str | os.PathLike, tokenizer: Any) -> di
         config = LoraConfig(
             task_type="SEQ_CLS",
             r=rank,
-            lora_alpha=scaling * rank,  # peft scales by lora_alpha / r
+            # peft scales by lora_alpha / r; a float alpha keeps the exact scaling (peft stores it as given)
+            lora_alpha=scaling * rank,  # type: ignore[arg-type]
             lora_dropout=0.0,
             bias="none",
             target_modules=names,
@@ -71,12 +72,13 @@ def write_peft(artifact: Artifact, out: str | os.PathLike, tokenizer: Any) -> di
         )
         model = get_peft_model(base, config)  # wraps in place; the base was saved before
         model.peft_config["default"].base_model_name_or_path = str(tmp / BASE_DIR)  # peft reads it on save
+        wrapped: Any = model.base_model.model  # the base with peft's LoRA layers in place
         for name in names:
-            layer = model.base_model.model.get_submodule(name)
+            layer = wrapped.get_submodule(name)
             lora_a, lora_b = artifact.adapter[name]
             layer.lora_A["default"].weight.data.copy_(lora_a)
             layer.lora_B["default"].weight.data.copy_(lora_b)
-        model.save_pretrained(tmp / ADAPTER_DIR)
+        model.save_pretrained(str(tmp / ADAPTER_DIR))
         # where the base will be once the folder is in place (AutoPeftModel* loads it from there)
         adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
         data = json.loads(adapter_config.read_text())

@@ -47,7 +47,7 @@ def check_serves(module: CoALoRATask, config: QConfig | None) -> None:
         return
     own = module.own_config
     if config != own:
-        assert own is not None
+        assert own is not None and config is not None  # a fixed method always has its own configuration
         differ = sum(config.matrices[n] != own.matrices[n] for n in space.names)
         raise CoaloraError(
             f"checkpoint is a {method} adapter trained for one configuration "

@@ -41,8 +41,17 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _lora_at(model: nn.Module, name: str) -> LoRALinear:
+    layer = model.get_submodule(name)
+    assert isinstance(layer, LoRALinear), name  # inject_lora put it there
+    return layer
+
+
 class CoALoRAModel(nn.Module):
     """Backbone + shared LoRA + (optional) mapper, switchable between quantization configurations."""
+
+    block_ids: torch.Tensor  # (N,) block index of every target matrix (a buffer)
+    type_ids: torch.Tensor  # (N,) module-type index of every target matrix (a buffer)
 
     def __init__(
         self,
@@ -66,7 +75,7 @@ class CoALoRAModel(nn.Module):
         for name in head_parameter_names(backbone):
             backbone.get_parameter(name).requires_grad_(True)
         self.backbone = backbone
-        self.layers: list[LoRALinear] = [backbone.get_submodule(t.name) for t in targets]
+        self.layers: list[LoRALinear] = [_lora_at(backbone, t.name) for t in targets]
         self.register_buffer(
             "block_ids", torch.tensor([t.block_index for t in targets], dtype=torch.long), persistent=False
         )

@@ -134,6 +134,7 @@ class _Blocked:
             torch.index_select(lookup.upper[option.bits], 0, bins, out=high).sub_(x).square_()
             distance = torch.minimum(low, high, out=low)
             if weight is None:
+                assert squared_scales is not None
                 error = distance.view_as(self.blocks).sum(1).double() @ squared_scales
             else:
                 error = torch.dot(distance, weight)

@@ -98,7 +98,8 @@ def _load_lm(model_name: str, tokenizer: PreTrainedTokenizerBase) -> tuple[nn.Mo
         masked = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and tokenizer.mask_token is not None
         loader = AutoModelForMaskedLM if masked else AutoModelForCausalLM
         with quiet_transformers():  # we report a missing head ourselves, in one line
-            model, info = loader.from_pretrained(path, output_loading_info=True)
+            # with output_loading_info, from_pretrained returns (model, info); its stubs do not say so
+            model, info = loader.from_pretrained(path, output_loading_info=True)  # type: ignore[misc]
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CoaloraError(

@@ -27,7 +27,8 @@ class Archive:
     def add(self, encoded: Tensor, f2: Tensor) -> Tensor:
         """Append the configurations not yet present (f1 unscored); return every row's archive index."""
         known = self.keys()
-        rows, fresh = [], []
+        rows: list[int] = []
+        fresh: list[int] = []
         for pos, e in enumerate(encoded):
             k = encoding_key(e)
             if k not in known:

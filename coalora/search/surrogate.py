@@ -13,6 +13,7 @@ from botorch.models import ModelList, SingleTaskGP
 from botorch.models.deterministic import GenericDeterministicModel
 from botorch.models.model import Model
 from botorch.models.transforms import Standardize
+from botorch.models.transforms.outcome import OutcomeTransform
 from botorch.optim.fit import fit_gpytorch_mll_scipy
 from botorch.posteriors import GPyTorchPosterior
 from botorch.sampling import ListSampler, SobolQMCNormalSampler
@@ -97,7 +98,11 @@ class MarginalGP(Model):
         mean = gp.mean_module(flat) + (cross @ self.alpha).squeeze(-1)
         reduced = torch.linalg.solve_triangular(self.chol, cross.T, upper=False)
         variance = (gp.covar_module(flat, diag=True) - reduced.square().sum(0)).clamp_min(1e-12)
-        mean, variance = gp.outcome_transform.untransform(mean.unsqueeze(-1), variance.unsqueeze(-1))
+        transform = gp.outcome_transform
+        assert isinstance(transform, OutcomeTransform)  # fit_gp always standardises
+        mean, untransformed = transform.untransform(mean.unsqueeze(-1), variance.unsqueeze(-1))
+        assert untransformed is not None
+        variance = untransformed
         shape = X.shape[:-1]
         mvn = MultivariateNormal(mean.reshape(shape), DiagLinearOperator(variance.reshape(shape)))
         return GPyTorchPosterior(mvn)
@@ -135,7 +140,13 @@ def make_acquisition(
     partition = FastNondominatedPartitioning(ref_point=-ref.double(), Y=-y.double())
     shape = torch.Size([mc_samples])
     sampler = ListSampler(SobolQMCNormalSampler(shape, seed=seed), IndexSampler(shape, seed=seed))
-    return qLogExpectedHypervolumeImprovement(model, (-ref).tolist(), partition, sampler=sampler)
+    # botorch takes any box decomposition of the front here; its annotation names the slower class only
+    return qLogExpectedHypervolumeImprovement(
+        model,
+        (-ref).tolist(),
+        partition,  # type: ignore[arg-type]
+        sampler=sampler,
+    )
 
 
 def batched(acq: Callable[[Tensor], Tensor], chunk: int = 1024) -> Callable[[Tensor], Tensor]:

@@ -12,10 +12,12 @@ Shared-LoRA's are allocated on first use, so a task loaded from a checkpoint nev
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
@@ -42,6 +44,11 @@ class CoALoRATask(L.LightningModule, ABC):
 
     #: the name checkpoints record, so the one checkpoint reader rebuilds the right task
     task_type: ClassVar[str] = ""
+
+    if TYPE_CHECKING:  # Lightning types hparams as a plain mapping; ours are attribute-accessed arguments
+
+        @property
+        def hparams(self) -> Any: ...
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -295,8 +302,8 @@ class CoALoRATask(L.LightningModule, ABC):
         return len(batch["input_ids"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        configs = self.sample_configs()
-        loss = sum(self.batch_loss(batch, c) for c in configs) / len(configs)
+        losses = [self.batch_loss(batch, c) for c in self.sample_configs()]
+        loss = functools.reduce(operator.add, losses) / len(losses)
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
         return loss
 
@@ -319,8 +326,8 @@ class CoALoRATask(L.LightningModule, ABC):
             for name, value in self.compute_metrics(label).items():
                 self.log(f"{stage}/{name}@{label}", value, sync_dist=True)
                 totals[name] = totals.get(name, 0.0) + float(value) / len(self.eval_configs)
-        for name, value in totals.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == self.main_metric, sync_dist=True)
+        for name, mean in totals.items():
+            self.log(f"{stage}/{name}", mean, prog_bar=name == self.main_metric, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")

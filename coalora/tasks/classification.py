@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
 
 from coalora.data.glue import TaskSpec, get_task, glue_metrics, predictions_from_logits
 from coalora.pretrained import load_classifier
@@ -46,12 +47,18 @@ class ClassificationTask(CoALoRATask):
     def configure_metrics(self, labels: list[str]) -> None:
         self.metrics = nn.ModuleDict({_key(label): glue_metrics(self.hparams.task) for label in labels})
 
+    def _metrics_at(self, label: str) -> MetricCollection:
+        metrics = self.metrics[_key(label)]
+        assert isinstance(metrics, MetricCollection)
+        return metrics
+
     def update_metrics(self, label: str, outputs: torch.Tensor, batch: dict) -> None:
-        self.metrics[_key(label)].update(predictions_from_logits(outputs, self.hparams.task), batch["labels"])
+        self._metrics_at(label).update(predictions_from_logits(outputs, self.hparams.task), batch["labels"])
 
     def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
-        values = self.metrics[_key(label)].compute()
-        self.metrics[_key(label)].reset()
+        metrics = self._metrics_at(label)
+        values = metrics.compute()
+        metrics.reset()
         return values
 
     @property
