@@ -45,14 +45,18 @@ class ParetoConfigSearch(L.Callback):
     modes score the archive, so logged fronts and hypervolumes compare across modes. ``candidate_method``
     ``coordinate`` is the paper's finite-difference ascent (``num_starts`` starts, ``max_steps`` moves);
     ``botorch`` runs botorch's discrete local search to a local optimum instead (slower, no step limit).
-    ``refresh_archive=False`` keeps stale scores and only scores new configurations.
+    ``refresh_archive=False`` keeps stale scores and only scores new configurations. f1 is the mean loss
+    over ``score_batches`` batches of the search split; None (the default) scores on all of it, since the
+    differences the search acts on are small next to the noise of a few batches. No round follows the last
+    training epoch unless ``final_round`` asks for one (to inspect the scored front): its new set would
+    never be trained on. Evaluation labels a configuration "seen" only if a training step used it.
     """
 
     def __init__(
         self,
         mode: str = "search",
         every_n_epochs: int = 1,
-        score_batches: int = 4,
+        score_batches: int | None = None,
         score_batch_size: int = 32,
         num_starts: int = 5,
         max_steps: int = 20,
@@ -66,6 +70,7 @@ class ParetoConfigSearch(L.Callback):
         max_fit_points: int = 512,
         seed: int = 0,
         archive_file: str = "search_archive.json",
+        final_round: bool = False,
     ) -> None:
         """``bits_range`` defaults to the training budget grid's [2.25, 7.15]; ``archive_file`` is written
         into the run folder (``trainer.log_dir``)."""
@@ -78,7 +83,7 @@ class ParetoConfigSearch(L.Callback):
             )
         for name, value, least in (
             ("every_n_epochs", every_n_epochs, 1),
-            ("score_batches", score_batches, 1),
+            ("score_batches", 1 if score_batches is None else score_batches, 1),
             ("score_batch_size", score_batch_size, 1),
             ("num_segments", num_segments, 1),
             ("mc_samples", mc_samples, 1),
@@ -104,6 +109,7 @@ class ParetoConfigSearch(L.Callback):
         self.random_per_round = random_per_round
         self.seed = seed
         self.archive_file = archive_file
+        self.final_round = final_round
         self.settings = SearchSettings(
             num_starts=num_starts,
             max_steps=max_steps,
@@ -153,6 +159,8 @@ class ParetoConfigSearch(L.Callback):
     def _maybe_round(self, trainer: L.Trainer, pl_module: CoALoRATask, epoch: int) -> None:
         if (epoch + 1) % self.every_n_epochs or epoch <= self.last_round:
             return
+        if not self.final_round and _last_epoch(trainer, epoch):  # no training follows (a resume with
+            return  # more epochs catches up at its first epoch's start)
         if not (isinstance(pl_module, CoALoRATask) and pl_module.method.searchable):
             if not self._warned:
                 rank_zero_warn("ParetoConfigSearch only acts on method 'coalora'; it does nothing here")
@@ -321,6 +329,13 @@ class ParetoConfigSearch(L.Callback):
                 f"the search state holds configurations of {self.archive.encoded.shape[1]} matrices, the "
                 f"model has {len(space)}; resume with the backbone the checkpoint was trained on"
             )
+
+
+def _last_epoch(trainer: L.Trainer, epoch: int) -> bool:
+    """True when ``epoch`` is the run's last training epoch (by max_epochs, or max_steps already reached)."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs:
+        return True
+    return 0 < trainer.max_steps <= trainer.global_step
 
 
 def mean_loss(module: CoALoRATask, config: QConfig, batches: list[dict]) -> float:

@@ -67,11 +67,13 @@ def test_methods_allocate_the_right_configurations(tiny_models_dir):
 def test_sets_are_allocated_on_first_use_and_never_when_loading_a_checkpoint(
     tiny_models_dir, glue_dir, tmp_path, monkeypatch
 ):
-    import coalora.tasks.base
+    import coalora.tasks.configurations
 
     calls = []
-    real = coalora.tasks.base.cached_allocate
-    monkeypatch.setattr(coalora.tasks.base, "cached_allocate", lambda *a: calls.append(a[-1]) or real(*a))
+    real = coalora.tasks.configurations.cached_allocate
+    monkeypatch.setattr(
+        coalora.tasks.configurations, "cached_allocate", lambda *a, **k: calls.append(a[-1]) or real(*a, **k)
+    )
     module = _module(tiny_models_dir)
     assert calls == []
     assert len(module.train_configs) == len(BUDGETS) and calls == BUDGETS
@@ -145,3 +147,26 @@ def test_every_method_trains_only_its_trainable_parameters(method, tiny_models_d
     assert changed and changed <= trainable
     assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
     assert any("mapper" in k for k in changed) == (method == "coalora")
+
+
+def test_evaluation_budgets_are_solved_without_a_time_limit(tiny_models_dir, monkeypatch):
+    """A time-limited solve depends on the machine's load: reported configurations must not."""
+    import coalora.quant.knapsack as knapsack
+
+    limits: list = []
+    real = knapsack.milp
+
+    def recording(*args, **kwargs):
+        limits.append(kwargs["options"].get("time_limit"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knapsack, "milp", recording)
+    monkeypatch.setenv("COALORA_CACHE", str(tiny_models_dir.parent / "fresh-allocation-cache"))
+    module = _module(tiny_models_dir, eval_budgets=[3.1, 3.7], train_budgets=[2.7])
+    _ = module.eval_configs
+    evaluation = list(limits)
+    _ = module.train_configs
+    assert evaluation and all(limit is None for limit in evaluation)
+    assert limits[len(evaluation) :] and all(
+        limit == knapsack.MIP_TIME_LIMIT_S for limit in limits[len(evaluation) :]
+    )
