@@ -661,3 +661,27 @@ def test_f1_is_scored_on_the_whole_search_split_by_default(pristine, tiny_bert, 
     whole = ParetoConfigSearch(score_batch_size=8)._search_batches(Run(), module)
     assert sum(len(b["labels"]) for b in whole) == len(data.search_set) == 32
     assert len(ParetoConfigSearch(score_batch_size=8, score_batches=2)._search_batches(Run(), module)) == 2
+
+
+def test_rounds_every_n_train_steps_give_a_short_run_several_rounds(pristine, tiny_bert, glue_dir, tmp_path):
+    module = fresh(pristine)
+    rounds: list[int] = []
+    callback = tiny_callback(every_n_train_steps=1, final_round=False)
+    real = callback._round
+
+    def recording(trainer, module, epoch):
+        rounds.append(trainer.global_step)
+        return real(trainer, module, epoch)
+
+    callback._round = recording
+    run = trainer(tmp_path, [callback], epochs=1)  # 64 rows in batches of 16: four steps
+    run.fit(module, tiny_data(tiny_bert, glue_dir))
+    assert rounds == [1, 2, 3]  # none after step 4, the last: no training would follow it
+    assert callback.last_round_step == 3 and callback.state_dict()["last_round_step"] == 3
+    assert len(callback.archive) > 0
+
+
+def test_the_mapper_off_ablation_trains_coalora_without_a_mapper(tiny_bert):
+    module = tiny_module(tiny_bert, use_mapper=False)
+    assert module.method.name == "coalora" and module.model.mapper is None
+    assert not any("mapper" in name for name, _ in module.named_parameters())

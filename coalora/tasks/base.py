@@ -74,6 +74,7 @@ class CoALoRATask(L.LightningModule, ABC):
         mapper_hidden: int = 128,
         quant_cache_gb: float = 4.0,
         seed: int = 42,
+        use_mapper: bool = True,
     ) -> None:
         """
         Args:
@@ -90,6 +91,8 @@ class CoALoRATask(L.LightningModule, ABC):
             mapper_embed_dim, mapper_hidden: the configuration-aware network.
             quant_cache_gb: bound of the dequantized-weight cache.
             seed: the run's seed (each step's draw of configurations; the data module follows it).
+            use_mapper: False switches CoA-LoRA's mapper off (M = I): one shared adapter trained exactly as
+                CoA-LoRA trains, the ablation that isolates the mapper's contribution.
         """
         super().__init__()
         self.method: MethodSpec = method_spec(method)
@@ -105,7 +108,7 @@ class CoALoRATask(L.LightningModule, ABC):
             rank=rank,
             alpha=alpha,
             dropout=lora_dropout,
-            use_mapper=self.method.uses_mapper,
+            use_mapper=self.method.uses_mapper and use_mapper,
             mapper_embed_dim=mapper_embed_dim,
             mapper_hidden=mapper_hidden,
             code_family=code_family,
