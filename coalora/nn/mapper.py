@@ -28,10 +28,10 @@ class ConfigMapper(nn.Module):
         self.block_embedding = nn.Embedding(num_blocks, embed_dim)
         self.type_embedding = nn.Embedding(num_types, embed_dim)
         in_dim = embed_dim * (len(FIELD_SIZES) + 2)
-        last = nn.Linear(hidden, rank * rank)
+        first, last = nn.Linear(in_dim, hidden), nn.Linear(hidden, rank * rank)  # in this order: the RNG
         nn.init.normal_(last.weight, std=1e-3)
         nn.init.zeros_(last.bias)
-        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.SiLU(), last)
+        self.net = nn.Sequential(nn.LayerNorm(in_dim), first, nn.SiLU(), last)
         self.alpha = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, options: torch.Tensor, blocks: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
