@@ -170,3 +170,39 @@ def test_evaluation_budgets_are_solved_without_a_time_limit(tiny_models_dir, mon
     assert limits[len(evaluation) :] and all(
         limit == knapsack.MIP_TIME_LIMIT_S for limit in limits[len(evaluation) :]
     )
+
+
+def test_stratified_draw_always_includes_a_low_bit_configuration(tiny_models_dir):
+    module = _module(tiny_models_dir, train_budgets=[2.5, 2.9, 3.3, 4.0, 5.0, 6.0], configs_per_step=2)
+    space, train = module.model.space, module.train_configs
+    assert sum(space.avg_bits(c) < 3.0 for c in train) == 2
+    for step in range(20):
+        generator = torch.Generator().manual_seed(step)
+        picks = module.configs.draw(2, generator, low_bit=3.0)
+        assert len(set(picks)) == 2 and space.avg_bits(picks[0]) < 3.0
+    uniform = module.configs.draw(2, torch.Generator().manual_seed(5))
+    expected = [
+        train[int(i)] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))[:2]
+    ]
+    assert uniform == expected  # the default draw is the one every earlier run used
+
+
+def test_distillation_pulls_each_configuration_towards_full_precision(tiny_models_dir):
+    module = _module(tiny_models_dir, distill_weight=1.0)
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    assert module.distillation_loss(logits, logits) == pytest.approx(0.0, abs=1e-7)
+    assert module.distillation_loss(logits, -logits) > 0.5
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 8)),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
+    calls: list = []
+    real = module.forward
+    module.forward = lambda b, c: calls.append(c) or real(b, c)
+    loss = module.training_step(batch, 0)
+    assert calls[0] is None and len(calls) == 1 + len(module.sample_configs())  # teacher, then each config
+    loss.backward()
+    assert module.model.mapper.net[-1].weight.grad is not None
+    with pytest.raises(CoaloraError, match="distill_weight must be >= 0"):
+        _module(tiny_models_dir, distill_weight=-1.0)

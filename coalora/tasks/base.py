@@ -75,6 +75,8 @@ class CoALoRATask(L.LightningModule, ABC):
         quant_cache_gb: float = 4.0,
         seed: int = 42,
         use_mapper: bool = True,
+        low_bit_draw: float | None = None,
+        distill_weight: float = 0.0,
     ) -> None:
         """
         Args:
@@ -93,6 +95,10 @@ class CoALoRATask(L.LightningModule, ABC):
             seed: the run's seed (each step's draw of configurations; the data module follows it).
             use_mapper: False switches CoA-LoRA's mapper off (M = I): one shared adapter trained exactly as
                 CoA-LoRA trains, the ablation that isolates the mapper's contribution.
+            low_bit_draw: budget-stratified sampling: one of each step's K configurations is drawn from
+                those under this many bits (None: all K uniformly from the training set).
+            distill_weight: weight of in-step distillation from the full-precision model (same adapter, no
+                mapper, no gradient) into every configuration of the step; 0 turns it off.
         """
         super().__init__()
         self.method: MethodSpec = method_spec(method)
@@ -100,6 +106,8 @@ class CoALoRATask(L.LightningModule, ABC):
             raise CoaloraError(f"method '{method}' trains for one configuration: set train_budget or qconfig")
         if configs_per_step < 1:
             raise CoaloraError(f"configs_per_step must be >= 1, got {configs_per_step}")
+        if distill_weight < 0:
+            raise CoaloraError(f"distill_weight must be >= 0, got {distill_weight}")
         self.save_hyperparameters()
         backbone = self.load_backbone()
         self.model = CoALoRAModel(
@@ -146,6 +154,10 @@ class CoALoRATask(L.LightningModule, ABC):
     @abstractmethod
     def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
         """The accumulated metrics of configuration ``label`` (and reset them)."""
+
+    def distillation_loss(self, outputs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """How far ``outputs`` are from the full-precision ``teacher``'s (for ``distill_weight`` > 0)."""
+        raise CoaloraError(f"{type(self).__name__} does not support distill_weight; set it to 0")
 
     @property
     @abstractmethod
@@ -237,8 +249,7 @@ class CoALoRATask(L.LightningModule, ABC):
             else min(self.hparams.configs_per_step, len(self.train_configs))
         )
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        picks = torch.randperm(len(self.train_configs), generator=generator)[:k]
-        return [self.train_configs[int(i)] for i in picks]
+        return self.configs.draw(k, generator, self.hparams.low_bit_draw)
 
     def activate(self, config: QConfig | None) -> None:
         """Set the backbone's weights for ``config``: LQ-LoRA's pinned base, else the quantized weights."""
@@ -286,7 +297,18 @@ class CoALoRATask(L.LightningModule, ABC):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         configs = self.sample_configs()
         self.configs.record(configs)
-        losses = [self.batch_loss(batch, c) for c in configs]
+        weight = self.hparams.distill_weight
+        teacher = None
+        if weight > 0:  # the sandwich rule's teacher: full precision, the same adapter, no gradient
+            with torch.no_grad():
+                teacher = self(batch, None)
+        losses = []
+        for config in configs:
+            outputs = self(batch, config)
+            loss = self.loss(outputs, batch)
+            if teacher is not None:
+                loss = loss + weight * self.distillation_loss(outputs, teacher)
+            losses.append(loss)
         loss = functools.reduce(operator.add, losses) / len(losses)
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
         return loss

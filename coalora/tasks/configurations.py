@@ -83,6 +83,20 @@ class ConfigurationSets:
             raise CoaloraError("the training configuration set cannot be empty")
         self._train = [self.space.validate(c) for c in configs]
 
+    def draw(self, k: int, generator: torch.Generator, low_bit: float | None = None) -> list[QConfig]:
+        """``k`` distinct training configurations: uniformly, or (``low_bit``) one of them from those under
+        ``low_bit`` bits and the rest uniformly from the others."""
+        train = self.train
+        if low_bit is None:
+            return [train[int(i)] for i in torch.randperm(len(train), generator=generator)[:k]]
+        low = [i for i, c in enumerate(train) if self.space.avg_bits(c) < low_bit]
+        if not low:
+            return [train[int(i)] for i in torch.randperm(len(train), generator=generator)[:k]]
+        first = low[int(torch.randint(len(low), (1,), generator=generator))]
+        others = [i for i in range(len(train)) if i != first]
+        rest = [others[int(i)] for i in torch.randperm(len(others), generator=generator)[: k - 1]]
+        return [train[first]] + [train[i] for i in rest]
+
     def fix(self, config: QConfig | None, label: str | None = None) -> None:
         """Train and evaluate at this one configuration (QLoRA, LQ-LoRA), or at full precision (None).
 
