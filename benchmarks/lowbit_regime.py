@@ -136,20 +136,14 @@ def cells(rows: list[dict]) -> dict[str, dict]:
             values = [r["accuracy"] for r in mine if r["label"] == label and r["kind"] in ("budget", "fp")]
             if values:
                 entry["budget"][label] = mean_std(values)
-        per_seed_budget = [
-            statistics.fmean(r["accuracy"] for r in mine if r["seed"] == s and r["kind"] == "budget")
-            for s in seeds
-            if any(r["seed"] == s and r["kind"] == "budget" for r in mine)
-        ]
-        if per_seed_budget:
-            entry["budget_mean"] = mean_std(per_seed_budget)
-        per_seed_random = [
-            statistics.fmean(r["accuracy"] for r in mine if r["seed"] == s and r["kind"] == "random")
-            for s in seeds
-            if any(r["seed"] == s and r["kind"] == "random" for r in mine)
-        ]
-        if per_seed_random:
-            entry["random_mean"] = mean_std(per_seed_random)
+        for kind in ("budget", "random"):
+            per_seed = [
+                statistics.fmean(r["accuracy"] for r in mine if r["seed"] == s and r["kind"] == kind)
+                for s in seeds
+                if any(r["seed"] == s and r["kind"] == kind for r in mine)
+            ]
+            if per_seed:
+                entry[f"{kind}_mean"] = mean_std(per_seed)
         entry["train_minutes_per_seed"] = round(
             statistics.fmean(
                 sum({r["label"]: r["train_seconds"] for r in mine if r["seed"] == s}.values())
