@@ -9,7 +9,9 @@ from a fixed seed and kept in ``benchmarks/lowbit/random/`` (the same files for 
 Every method is evaluated on all 872 GLUE dev sentences at every configuration it can serve, from its
 ``last.ckpt`` (nothing is selected on dev). Methods: fp-LoRA, QLoRA per budget, Shared-LoRA on the
 evaluation budgets, Shared-LoRA on CoA-LoRA's training set (CoA-LoRA with the mapper off, frozen set: the
-ablation that isolates the mapper), and CoA-LoRA with the search, a frozen set and random extension.
+ablation that isolates the mapper), CoA-LoRA with the search, a frozen set and random extension, and
+CoA-LoRA with the search plus two changes tried to reach the bars (``coalora-sandwich``: distillation from
+full precision in every step, and one configuration per step drawn under 3 bits).
 All runs: the same training sentences, one epoch, batch 32, rank 16, lr 5e-4, bf16.
 
 Runs live in ``runs/lowbit/s<seed>/<run>/`` and are skipped once their ``done.json`` exists, so the regime
@@ -53,6 +55,10 @@ def planned_runs() -> list[tuple[str, list[str]]]:
     runs.append(("shared-trainset", ["--config", f"{lowbit}/frozen.yaml", "--model.use_mapper", "false"]))
     for mode in ("search", "frozen", "random"):
         runs.append((f"coalora-{mode}", ["--config", f"{lowbit}/{mode}.yaml"]))
+    # the attempt to reach the bars: the sandwich rule's distillation from full precision, and one of the
+    # K configurations of every step drawn under 3 bits (budget-stratified sampling)
+    sandwich = ["--model.distill_weight", "1.0", "--model.low_bit_draw", "3.0"]
+    runs.append(("coalora-sandwich", ["--config", f"{lowbit}/search.yaml", *sandwich]))
     return [(name, [*flags, *common]) for name, flags in runs]
 
 
