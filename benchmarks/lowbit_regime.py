@@ -225,9 +225,16 @@ def markdown(summary: dict[str, dict], bar: dict[str, object]) -> str:
             + f" | {cell(s['budget_mean'])} | {cell(s['random_mean'])} | {s['train_minutes_per_seed']} |"
         )
     lines.append("")
+
+    def points(value: object) -> str:  # differences in accuracy points, mean ± std over seeds
+        if isinstance(value, tuple | list) and len(value) == 2:
+            return f"{value[0]:+.2f} ± {value[1]:.2f}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k}: {points(v)}" for k, v in value.items())
+        return str(value)
+
     for key, value in bar.items():
-        shown = value if isinstance(value, bool) else json.dumps(value)
-        lines.append(f"- {key}: {shown}")
+        lines.append(f"- {key}: {points(value)}")
     return "\n".join(lines) + "\n"
 
 
