@@ -4,7 +4,7 @@ On the packaged MiniLM (rank 16, alpha 32 as in ``configs/sst2_minilm.yaml``; th
 given non-trivial random weights, since latency does not depend on training) this measures:
 
 - configuration -> ready model with the quantized-weight cache cold (quantize every matrix, run the mapper,
-  set the mixers, fold B·M), and warm (a configuration seen before); target <= 50 ms;
+  set the adjustments, fold B·M), and warm (a configuration seen before); target <= 50 ms;
 - the mapper alone (all 36 r×r adjustments in one call); target <= 2 ms;
 - QLoRA training for the same configuration: the median of a few optimiser steps at batch 32 / length 64,
   in fp32 and bf16 autocast, on 1 and on all threads (the fastest is used), times the 217 steps of one
@@ -63,7 +63,7 @@ def adapt_latency(module: ClassificationTask, reps: int) -> dict:
             start = time.perf_counter()
             served.adapt(config)
             with torch.no_grad(), intra_op_threads(1):
-                _ = [layer.folded_B(layer.mixer) for layer in model.layers]
+                _ = [layer.folded_B(layer.adjustment) for layer in model.layers]
             cold.append(time.perf_counter() - start)
             parts.append(served.last_timings)
     for config in configs:  # the cold loop left only the last configuration cached: cache them all
@@ -73,14 +73,14 @@ def adapt_latency(module: ClassificationTask, reps: int) -> dict:
             start = time.perf_counter()
             served.adapt(config)
             with torch.no_grad(), intra_op_threads(1):
-                _ = [layer.folded_B(layer.mixer) for layer in model.layers]
+                _ = [layer.folded_B(layer.adjustment) for layer in model.layers]
             warm.append(time.perf_counter() - start)
     mapper = []
     with torch.no_grad(), intra_op_threads(1):
         for _ in range(20 * reps):
             for config in configs:
                 start = time.perf_counter()
-                model.mixers(config)
+                model.adjustments(config)
                 mapper.append(time.perf_counter() - start)
     return {
         "cold_ms": {"median": _ms(statistics.median(cold)), "max": _ms(max(cold))},

@@ -6,6 +6,7 @@ every run at 2.5/3.0/3.5/4.0 bits (CoA-LoRA also at random unseen configurations
 
     python benchmarks/compare_methods.py --quick     # ≤ 15 min on a 2-core CPU (small slices)
     python benchmarks/compare_methods.py             # the full comparison (≤ 90 min)
+    python benchmarks/compare_methods.py --regime lowbit   # 2.1-3.0 bits, 3 seeds: lowbit_regime.py
 
 Each training run lives in runs/compare[-quick]/<run>/ and is skipped when its done.json exists, so an
 interrupted comparison resumes where it stopped. Outputs: docs/bench/compare[_quick].json, a markdown
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from coalora.eval.hypervolume import hypervolume
 from coalora.eval.report import plot
@@ -111,26 +113,21 @@ def train(name: str, flags: list[str], root: Path, cfg: dict, seed: int) -> dict
 
 
 def evaluate(record: dict, root: Path, cfg: dict) -> list[dict]:
+    """The regime's evaluation of one run: budgets (the run's own), plus random ones for CoA-LoRA."""
+    random = cfg["random"] if record["name"].startswith("coalora") else 0
+    extra = ["--random", str(random)]
+    if cfg["eval_limit"]:
+        extra += ["--eval-limit", str(cfg["eval_limit"])]
+    return evaluate_with(record, root, extra)
+
+
+def evaluate_with(record: dict, root: Path, extra: list[str]) -> list[dict]:
+    """``coalora evaluate`` of a run's checkpoint with ``extra`` flags (bf16), or its cached result."""
     folder = root / record["name"].replace("@", "_") / "eval"
     out = folder / "eval.json"
     if not out.is_file():
-        random = cfg["random"] if record["name"].startswith("coalora") else 0
-        command = [
-            sys.executable,
-            "-m",
-            "coalora.cli",
-            "evaluate",
-            "--ckpt",
-            record["ckpt"],
-            "--out",
-            str(folder),
-            "--random",
-            str(random),
-            "--precision",
-            "bf16",
-        ]
-        if cfg["eval_limit"]:
-            command += ["--eval-limit", str(cfg["eval_limit"])]
+        command = [sys.executable, "-m", "coalora.cli", "evaluate", "--ckpt", record["ckpt"]]
+        command += ["--out", str(folder), "--precision", "bf16", *extra]
         print(f"[eval] {record['name']}", flush=True)
         with (folder.parent / "eval.log").open("w") as log:
             result = subprocess.run(command, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -242,7 +239,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--only", nargs="*", default=None, help="run only these runs (names as in the plan)")
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
+    parser.add_argument(
+        "--regime", choices=("paper", "lowbit"), default="paper", help="lowbit: 2.1-3.0 bits, 3 seeds"
+    )
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="lowbit: seeds (default 42 43 44)")
     args = parser.parse_args()
+    if args.regime == "lowbit":
+        import lowbit_regime
+
+        lowbit_regime.main(args.seeds or list(lowbit_regime.SEEDS), args.only)
+        return
     cfg = settings(args.quick)
     suffix = "_quick" if args.quick else ""
     if args.epochs is not None and args.epochs != cfg["epochs"]:

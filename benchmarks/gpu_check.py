@@ -100,7 +100,7 @@ def check_shape(name: str, shape: dict, device: torch.device, steps: int) -> dic
 
     cold = [timed(lambda c=c: model.set_config(c), device) for c in configs]  # quantize into the cache
     warm = [timed(lambda c=c: model.set_config(c), device) for c in configs]
-    mapper = [timed(lambda c=c: model.mixers(c), device) for c in configs]
+    mapper = [timed(lambda c=c: model.adjustments(c), device) for c in configs]
     kinds = {
         "qlora": lambda i: [fixed],
         "coalora_k1": lambda i: [configs[i % 8]],

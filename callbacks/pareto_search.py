@@ -45,14 +45,19 @@ class ParetoConfigSearch(L.Callback):
     modes score the archive, so logged fronts and hypervolumes compare across modes. ``candidate_method``
     ``coordinate`` is the paper's finite-difference ascent (``num_starts`` starts, ``max_steps`` moves);
     ``botorch`` runs botorch's discrete local search to a local optimum instead (slower, no step limit).
-    ``refresh_archive=False`` keeps stale scores and only scores new configurations.
+    ``refresh_archive=False`` keeps stale scores and only scores new configurations. f1 is the mean loss
+    over ``score_batches`` batches of the search split; None (the default) scores on all of it, since the
+    differences the search acts on are small next to the noise of a few batches. No round follows the last
+    training epoch unless ``final_round`` asks for one (to inspect the scored front): its new set would
+    never be trained on. Evaluation labels a configuration "seen" only if a training step used it.
     """
 
     def __init__(
         self,
         mode: str = "search",
         every_n_epochs: int = 1,
-        score_batches: int = 4,
+        every_n_train_steps: int | None = None,
+        score_batches: int | None = None,
         score_batch_size: int = 32,
         num_starts: int = 5,
         max_steps: int = 20,
@@ -66,6 +71,7 @@ class ParetoConfigSearch(L.Callback):
         max_fit_points: int = 512,
         seed: int = 0,
         archive_file: str = "search_archive.json",
+        final_round: bool = False,
     ) -> None:
         """``bits_range`` defaults to the training budget grid's [2.25, 7.15]; ``archive_file`` is written
         into the run folder (``trainer.log_dir``)."""
@@ -78,7 +84,8 @@ class ParetoConfigSearch(L.Callback):
             )
         for name, value, least in (
             ("every_n_epochs", every_n_epochs, 1),
-            ("score_batches", score_batches, 1),
+            ("every_n_train_steps", 1 if every_n_train_steps is None else every_n_train_steps, 1),
+            ("score_batches", 1 if score_batches is None else score_batches, 1),
             ("score_batch_size", score_batch_size, 1),
             ("num_segments", num_segments, 1),
             ("mc_samples", mc_samples, 1),
@@ -97,6 +104,7 @@ class ParetoConfigSearch(L.Callback):
             raise CoaloraError(f"bits_range must rise, got {list(self.bits_range)}")
         self.mode = mode
         self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
         self.score_batches = score_batches
         self.score_batch_size = score_batch_size
         self.num_segments = num_segments
@@ -104,6 +112,7 @@ class ParetoConfigSearch(L.Callback):
         self.random_per_round = random_per_round
         self.seed = seed
         self.archive_file = archive_file
+        self.final_round = final_round
         self.settings = SearchSettings(
             num_starts=num_starts,
             max_steps=max_steps,
@@ -117,6 +126,7 @@ class ParetoConfigSearch(L.Callback):
         self.candidates = torch.empty(0, 0, 5, dtype=torch.long)
         self.train_set = torch.empty(0, 0, 5, dtype=torch.long)
         self.last_round = -1  # epoch whose round finished last
+        self.last_round_step = -1  # global step whose round finished last (every_n_train_steps)
         self._warned = False
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
@@ -128,6 +138,16 @@ class ParetoConfigSearch(L.Callback):
         if trainer.current_epoch > 0:
             self._maybe_round(trainer, pl_module, trainer.current_epoch - 1)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: CoALoRATask, *args: object) -> None:
+        """With ``every_n_train_steps``: a round after every n optimizer steps (a short run gets several)."""
+        n, step = self.every_n_train_steps, trainer.global_step
+        if n is None or step == 0 or step % n or step <= self.last_round_step:
+            return
+        if not self.final_round and _no_training_follows(trainer):
+            return
+        if self._run_round(trainer, pl_module, trainer.current_epoch):
+            self.last_round_step = step
+
     def state_dict(self) -> dict:
         return {
             "version": STATE_VERSION,
@@ -136,6 +156,7 @@ class ParetoConfigSearch(L.Callback):
             "train_set": self.train_set.to(torch.int8),
             "generator": self.generator.get_state(),
             "last_round": self.last_round,
+            "last_round_step": self.last_round_step,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -148,23 +169,33 @@ class ParetoConfigSearch(L.Callback):
         self.train_set = state_dict["train_set"].long()
         self.generator.set_state(state_dict["generator"])
         self.last_round = int(state_dict["last_round"])
+        self.last_round_step = int(state_dict.get("last_round_step", -1))
 
     # -- one round ---------------------------------------------------------------------------------------
     def _maybe_round(self, trainer: L.Trainer, pl_module: CoALoRATask, epoch: int) -> None:
+        if self.every_n_train_steps is not None:  # rounds follow steps instead
+            return
         if (epoch + 1) % self.every_n_epochs or epoch <= self.last_round:
             return
+        if not self.final_round and _last_epoch(trainer, epoch):  # no training follows (a resume with
+            return  # more epochs catches up at its first epoch's start)
+        if self._run_round(trainer, pl_module, epoch):
+            self.last_round = epoch
+
+    def _run_round(self, trainer: L.Trainer, pl_module: CoALoRATask, epoch: int) -> bool:
+        """One round, if the module is a searchable (coalora) task; True when it ran."""
         if not (isinstance(pl_module, CoALoRATask) and pl_module.method.searchable):
             if not self._warned:
                 rank_zero_warn("ParetoConfigSearch only acts on method 'coalora'; it does nothing here")
                 self._warned = True
-            return
+            return False
         # The GP fit and acquisition optimisation draw from torch's global RNG; fork it so that training
         # (dropout, anything seeded globally) sees the same random stream with and without the search, and
         # the search/frozen/random ablations differ only in the configuration set.
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             self._round(trainer, pl_module, epoch)
-        self.last_round = epoch
+        return True
 
     def _round(self, trainer: L.Trainer, module: CoALoRATask, epoch: int) -> None:
         started = time.perf_counter()
@@ -321,6 +352,20 @@ class ParetoConfigSearch(L.Callback):
                 f"the search state holds configurations of {self.archive.encoded.shape[1]} matrices, the "
                 f"model has {len(space)}; resume with the backbone the checkpoint was trained on"
             )
+
+
+def _last_epoch(trainer: L.Trainer, epoch: int) -> bool:
+    """True when ``epoch`` is the run's last training epoch (by max_epochs, or max_steps already reached)."""
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs:
+        return True
+    return 0 < trainer.max_steps <= trainer.global_step
+
+
+def _no_training_follows(trainer: L.Trainer) -> bool:
+    """True at the run's last optimizer step (max_steps reached, or the last batch of the last epoch)."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    return bool(trainer.is_last_batch) and _last_epoch(trainer, trainer.current_epoch)
 
 
 def mean_loss(module: CoALoRATask, config: QConfig, batches: list[dict]) -> float:

@@ -1,5 +1,5 @@
 """Small helpers every room uses: thread limits, quiet transformers, one-line error text, budget labels,
-the cache folder and atomic writes. Imports nothing of coalora but :mod:`coalora.errors`."""
+the cache folder and atomic writes. Imports nothing of coalora, so every room may use it."""
 
 from __future__ import annotations
 

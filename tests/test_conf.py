@@ -29,7 +29,8 @@ def test_tiny_yaml_fits_validates_tests_and_evaluates(tiny_models_dir, tmp_path,
     assert main(["fit", "--config", TINY, *model, *_run_dir_args(tmp_path)]) == 0
     last = next((tmp_path / "run").rglob("last.ckpt"))
     archive = json.loads(next((tmp_path / "run").rglob("search_archive.json")).read_text())
-    assert archive["epoch"] == 1 and any(e["training"] for e in archive["entries"])
+    # two epochs, one round: after the first (none follows the last epoch)
+    assert archive["epoch"] == 0 and any(e["training"] for e in archive["entries"])
     for stage in ("validate", "test"):
         args = [stage, "--config", TINY, *model, *_run_dir_args(tmp_path), "--ckpt_path", str(last)]
         assert main(args) == 0
@@ -48,3 +49,24 @@ def test_tiny_yaml_with_a_baseline_overlay(overlay, tiny_models_dir, tmp_path):
     args += ["--model.model_name", str(tiny_models_dir / "tiny-bert"), "--trainer.max_epochs", "1"]
     assert main(args) == 0
     assert next((tmp_path / "run").rglob("last.ckpt")).is_file()
+
+
+def test_demo_reports_the_last_checkpoint_not_one_picked_on_dev(tiny_models_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--config", TINY, "--out", str(out), "--random", "1"]
+    assert main([*args, "--model.model_name", str(tiny_models_dir / "tiny-bert")]) == 0
+    printed = capsys.readouterr().out
+    assert "last.ckpt" in printed.split("evaluating", 1)[1].splitlines()[0]
+    results = json.loads((out / "eval" / "eval.json").read_text())["results"]
+    assert {r["kind"] for r in results} >= {"budget", "random"}
+
+
+def test_no_shipped_config_selects_a_checkpoint_on_the_dev_split():
+    import yaml
+
+    for path in [*REPO.glob("configs/**/*.yaml"), *REPO.glob("tests/conf/*.yaml")]:
+        callbacks = (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []
+        for callback in callbacks:
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                monitor = (callback.get("init_args") or {}).get("monitor") or ""
+                assert not monitor.startswith(("val/", "test/")), path

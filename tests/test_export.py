@@ -152,11 +152,12 @@ def test_artifact_logits_equal_the_training_model_under_its_configuration(
 
 def test_artifact_adapter_is_the_folded_b_times_m(module, config, artifact_dir):
     artifact = read_artifact(artifact_dir)
-    mixers = module.model.mixers(config).detach()
+    adjustments = module.model.adjustments(config).detach()
     for i, (name, layer) in enumerate(zip(module.model.space.names, module.model.layers)):
         lora_a, lora_b = artifact.adapter[name]
         assert torch.equal(lora_a, layer.lora_A.detach())
-        assert torch.allclose(lora_b, layer.lora_B.detach() @ mixers[i], atol=1e-7)
+        mixer = torch.eye(len(adjustments[i])) + adjustments[i]
+        assert torch.allclose(lora_b, layer.lora_B.detach() @ mixer, atol=1e-6)
         assert (lora_b - layer.lora_B.detach()).abs().max() > 1e-3  # M is far from I
 
 

@@ -306,3 +306,26 @@ def test_regression_metric_values() -> None:
     assert values["spearman"].item() == pytest.approx(1.0)
     assert 0.8 < values["pearson"].item() < 1.0
     assert glue_metrics("stsb")(-target, target)["pearson"].item() == pytest.approx(-1.0)
+
+
+def test_hypervolumes_never_mix_kinds_of_point():
+    """Seen and qconfig points differ per run; a run's hypervolume must not depend on them."""
+    from coalora.eval.report import summarise
+    from coalora.eval.results import EvalResult
+
+    def point(kind: str, bits: float, accuracy: float) -> EvalResult:
+        return EvalResult(
+            "run", "coalora", f"{kind}-{bits}", kind, bits, kind == "seen", {"accuracy": accuracy}
+        )
+
+    budgets = [point("budget", 3.0, 0.8), point("budget", 4.0, 0.85)]
+    randoms = [point("random", 2.6, 0.7)]
+    plain = summarise([*budgets, *randoms], "sst2")["run"]
+    extra = summarise([*budgets, *randoms, point("seen", 2.3, 0.99), point("qconfig", 2.2, 0.99)], "sst2")[
+        "run"
+    ]
+    assert (
+        plain["hypervolume"] == extra["hypervolume"]
+        and plain["hypervolume_random"] == extra["hypervolume_random"]
+    )
+    assert summarise(budgets, "sst2")["run"]["hypervolume"] == plain["hypervolume"]

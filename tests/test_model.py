@@ -34,7 +34,7 @@ def _batch(n: int = 3, length: int = 7) -> dict:
     }
 
 
-def test_layer_with_identity_mixer_is_plain_lora_on_the_quantized_base():
+def test_layer_with_zero_adjustment_is_plain_lora_on_the_quantized_base():
     torch.manual_seed(0)
     base = nn.Linear(32, 16)
     layer = LoRALinear(base, rank=4, alpha=8)
@@ -44,7 +44,7 @@ def test_layer_with_identity_mixer_is_plain_lora_on_the_quantized_base():
     x = torch.randn(5, 32)
     expected = x @ layer.active_weight.T + base.bias + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)
     assert torch.allclose(layer(x), expected, atol=1e-5)
-    layer.mixer = torch.eye(4)
+    layer.adjustment = torch.zeros(4, 4)  # M = I
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
 
@@ -52,19 +52,50 @@ def test_folded_adapter_equals_the_unfolded_layer():
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(32, 16), rank=4, alpha=8)
     nn.init.normal_(layer.lora_B)
-    mixer = torch.eye(4) + 0.3 * torch.randn(4, 4)
-    layer.mixer = mixer
+    adjustment = 0.3 * torch.randn(4, 4)
+    layer.adjustment = adjustment
     x = torch.randn(5, 32)
-    folded = x @ layer.weight.T + layer.bias + layer.scaling * (x @ layer.lora_A.T @ layer.folded_B(mixer).T)
+    folded_b = layer.folded_B(adjustment)
+    assert torch.allclose(folded_b, layer.lora_B @ (torch.eye(4) + adjustment), atol=1e-6)
+    folded = x @ layer.weight.T + layer.bias + layer.scaling * (x @ layer.lora_A.T @ folded_b.T)
     assert torch.allclose(layer(x), folded, atol=1e-5)
+
+
+def test_a_small_adjustment_survives_bf16_autocast():
+    """M = I + D formed in bf16 rounds 1 + 0.003 to 1.0; the layer must keep D in the forward pass."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 32), rank=8, alpha=16)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x)
+        layer.adjustment = 0.003 * torch.eye(8)
+        adjusted = layer(x)
+        bf16_mixer = torch.eye(8, dtype=torch.bfloat16) + layer.adjustment.to(torch.bfloat16)
+    assert torch.equal(bf16_mixer, torch.eye(8, dtype=torch.bfloat16))  # the rounding the fix avoids
+    lora_plain = (adjusted - plain).float()
+    assert lora_plain.abs().max() > 0  # the adjustment reaches the output
+    # and by about the right amount: s·B·(0.003·A·x), measured in fp32
+    expected = layer.scaling * 0.003 * (x @ layer.lora_A.T @ layer.lora_B.T)
+    assert torch.corrcoef(torch.stack([lora_plain.flatten(), expected.flatten()]))[0, 1] > 0.5
+
+
+def test_mapper_is_fp32_under_bf16_autocast():
+    mapper = ConfigMapper(rank=8, num_blocks=2, num_types=3)
+    options = torch.zeros(6, 5, dtype=torch.long)
+    blocks, types = torch.arange(6) % 2, torch.arange(6) % 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = mapper(options, blocks, types)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, mapper(options, blocks, types))
 
 
 def test_mapper_starts_near_identity_and_has_the_papers_size():
     mapper = ConfigMapper(rank=64, num_blocks=24, num_types=6)
     options = torch.zeros(144, 5, dtype=torch.long)
-    mixers = mapper(options, torch.arange(144) % 24, torch.arange(144) % 6)
-    assert mixers.shape == (144, 64, 64)
-    assert (mixers - torch.eye(64)).abs().max() < 0.05
+    adjustments = mapper(options, torch.arange(144) % 24, torch.arange(144) % 6)
+    assert adjustments.shape == (144, 64, 64)
+    assert adjustments.abs().max() < 0.05  # M = I + D starts near I
     assert 500_000 < sum(p.numel() for p in mapper.parameters()) < 560_000
 
 
@@ -128,7 +159,7 @@ def test_full_precision_config_restores_the_base(tiny):
     with torch.no_grad():
         tiny(tiny.space.uniform(QuantOption(2, 2, "bf16", 64, 256)), **batch)
         after = tiny(None, **batch).logits
-        assert all(layer.active_weight is None and layer.mixer is None for layer in tiny.layers)
+        assert all(layer.active_weight is None and layer.adjustment is None for layer in tiny.layers)
         tiny.cache.clear()
         assert torch.equal(after, tiny(None, **batch).logits)
 

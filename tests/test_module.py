@@ -67,11 +67,13 @@ def test_methods_allocate_the_right_configurations(tiny_models_dir):
 def test_sets_are_allocated_on_first_use_and_never_when_loading_a_checkpoint(
     tiny_models_dir, glue_dir, tmp_path, monkeypatch
 ):
-    import coalora.tasks.base
+    import coalora.tasks.configurations
 
     calls = []
-    real = coalora.tasks.base.cached_allocate
-    monkeypatch.setattr(coalora.tasks.base, "cached_allocate", lambda *a: calls.append(a[-1]) or real(*a))
+    real = coalora.tasks.configurations.cached_allocate
+    monkeypatch.setattr(
+        coalora.tasks.configurations, "cached_allocate", lambda *a, **k: calls.append(a[-1]) or real(*a, **k)
+    )
     module = _module(tiny_models_dir)
     assert calls == []
     assert len(module.train_configs) == len(BUDGETS) and calls == BUDGETS
@@ -145,3 +147,62 @@ def test_every_method_trains_only_its_trainable_parameters(method, tiny_models_d
     assert changed and changed <= trainable
     assert any("lora_B" in k for k in changed) and any("classifier" in k for k in changed)
     assert any("mapper" in k for k in changed) == (method == "coalora")
+
+
+def test_evaluation_budgets_are_solved_without_a_time_limit(tiny_models_dir, monkeypatch):
+    """A time-limited solve depends on the machine's load: reported configurations must not."""
+    import coalora.quant.knapsack as knapsack
+
+    limits: list = []
+    real = knapsack.milp
+
+    def recording(*args, **kwargs):
+        limits.append(kwargs["options"].get("time_limit"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knapsack, "milp", recording)
+    monkeypatch.setenv("COALORA_CACHE", str(tiny_models_dir.parent / "fresh-allocation-cache"))
+    module = _module(tiny_models_dir, eval_budgets=[3.1, 3.7], train_budgets=[2.7])
+    _ = module.eval_configs
+    evaluation = list(limits)
+    _ = module.train_configs
+    assert evaluation and all(limit is None for limit in evaluation)
+    assert limits[len(evaluation) :] and all(
+        limit == knapsack.MIP_TIME_LIMIT_S for limit in limits[len(evaluation) :]
+    )
+
+
+def test_stratified_draw_always_includes_a_low_bit_configuration(tiny_models_dir):
+    module = _module(tiny_models_dir, train_budgets=[2.5, 2.9, 3.3, 4.0, 5.0, 6.0], configs_per_step=2)
+    space, train = module.model.space, module.train_configs
+    assert sum(space.avg_bits(c) < 3.0 for c in train) == 2
+    for step in range(20):
+        generator = torch.Generator().manual_seed(step)
+        picks = module.configs.draw(2, generator, low_bit=3.0)
+        assert len(set(picks)) == 2 and space.avg_bits(picks[0]) < 3.0
+    uniform = module.configs.draw(2, torch.Generator().manual_seed(5))
+    expected = [
+        train[int(i)] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(5))[:2]
+    ]
+    assert uniform == expected  # the default draw is the one every earlier run used
+
+
+def test_distillation_pulls_each_configuration_towards_full_precision(tiny_models_dir):
+    module = _module(tiny_models_dir, distill_weight=1.0)
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    assert module.distillation_loss(logits, logits) == pytest.approx(0.0, abs=1e-7)
+    assert module.distillation_loss(logits, -logits) > 0.5
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 8)),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
+    calls: list = []
+    real = module.forward
+    module.forward = lambda b, c: calls.append(c) or real(b, c)
+    loss = module.training_step(batch, 0)
+    assert calls[0] is None and len(calls) == 1 + len(module.sample_configs())  # teacher, then each config
+    loss.backward()
+    assert module.model.mapper.net[-1].weight.grad is not None
+    with pytest.raises(CoaloraError, match="distill_weight must be >= 0"):
+        _module(tiny_models_dir, distill_weight=-1.0)

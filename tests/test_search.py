@@ -380,7 +380,8 @@ def tiny_data(model: str, glue_dir: Path):
 
 def tiny_callback(**overrides) -> ParetoConfigSearch:
     args = {"score_batches": 2, "score_batch_size": 16, "num_starts": 3, "max_steps": 5, "gp_maxiter": 30}
-    return ParetoConfigSearch(**{**args, **overrides})
+    # one-epoch runs below exercise a round; the default skips the round after the last epoch
+    return ParetoConfigSearch(**{**args, "final_round": True, **overrides})
 
 
 def trainer(root: Path, callbacks: list, epochs: int, **overrides):
@@ -596,7 +597,7 @@ def _ddp_job(model: str, glue_dir: str, out: str) -> None:
     pareto_search.mean_loss = counting
     module = tiny_module(model)
     callback = ParetoConfigSearch(
-        score_batches=2, score_batch_size=16, num_starts=3, max_steps=5, gp_maxiter=30
+        score_batches=2, score_batch_size=16, num_starts=3, max_steps=5, gp_maxiter=30, final_round=True
     )
     run = L.Trainer(
         max_epochs=1,
@@ -626,3 +627,61 @@ def _ddp_job(model: str, glue_dir: str, out: str) -> None:
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "ddp":
     torch.set_num_threads(1)
     _ddp_job(*sys.argv[2:])
+
+
+def test_no_round_follows_the_last_epoch_and_seen_means_trained_on(pristine, tiny_bert, glue_dir, tmp_path):
+    """A round after the final epoch would add configurations no step trained on (and evaluation once
+    called them seen); by default there is none, and ``trained_on`` holds exactly the configurations drawn."""
+    module = fresh(pristine)
+    before = list(module.train_configs)
+    drawn: list = []
+    real = module.sample_configs
+
+    def recording():
+        configs = real()
+        drawn.extend(configs)
+        return configs
+
+    module.sample_configs = recording
+    callback = tiny_callback(final_round=False)
+    trainer(tmp_path, [callback], epochs=1).fit(module, tiny_data(tiny_bert, glue_dir))
+    assert len(callback.archive) == 0 and not (tmp_path / "search_archive.json").exists()
+    assert module.train_configs == before
+    assert module.trained_on == list(dict.fromkeys(drawn))
+
+
+def test_f1_is_scored_on_the_whole_search_split_by_default(pristine, tiny_bert, glue_dir):
+    module = fresh(pristine)
+    data = tiny_data(tiny_bert, glue_dir)
+    data.setup("fit")
+
+    class Run:  # what _search_batches reads of the trainer
+        datamodule = data
+
+    whole = ParetoConfigSearch(score_batch_size=8)._search_batches(Run(), module)
+    assert sum(len(b["labels"]) for b in whole) == len(data.search_set) == 32
+    assert len(ParetoConfigSearch(score_batch_size=8, score_batches=2)._search_batches(Run(), module)) == 2
+
+
+def test_rounds_every_n_train_steps_give_a_short_run_several_rounds(pristine, tiny_bert, glue_dir, tmp_path):
+    module = fresh(pristine)
+    rounds: list[int] = []
+    callback = tiny_callback(every_n_train_steps=1, final_round=False)
+    real = callback._round
+
+    def recording(trainer, module, epoch):
+        rounds.append(trainer.global_step)
+        return real(trainer, module, epoch)
+
+    callback._round = recording
+    run = trainer(tmp_path, [callback], epochs=1)  # 64 rows in batches of 16: four steps
+    run.fit(module, tiny_data(tiny_bert, glue_dir))
+    assert rounds == [1, 2, 3]  # none after step 4, the last: no training would follow it
+    assert callback.last_round_step == 3 and callback.state_dict()["last_round_step"] == 3
+    assert len(callback.archive) > 0
+
+
+def test_the_mapper_off_ablation_trains_coalora_without_a_mapper(tiny_bert):
+    module = tiny_module(tiny_bert, use_mapper=False)
+    assert module.method.name == "coalora" and module.model.mapper is None
+    assert not any("mapper" in name for name, _ in module.named_parameters())

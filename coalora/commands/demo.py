@@ -1,5 +1,5 @@
 """``coalora demo``: the main job on the embedded default — train CoA-LoRA on SST-2 with the packaged
-MiniLM (offline), then evaluate the best checkpoint at 2.5/3.0/3.5/4.0 bits plus random unseen
+MiniLM (offline), then evaluate the last checkpoint at 2.5/3.0/3.5/4.0 bits plus random unseen
 configurations, writing the table (JSON, CSV) and the plot."""
 
 from __future__ import annotations
@@ -53,12 +53,15 @@ def run(args: argparse.Namespace) -> int:
     )
     fit_seconds = time.perf_counter() - start
     checkpoint = cli.trainer.checkpoint_callback
-    best = checkpoint.best_model_path or checkpoint.last_model_path if checkpoint else ""
-    if not best:
-        raise CoaloraError("training wrote no checkpoint; keep the ModelCheckpoint callback in the config")
-    print(f"trained in {fit_seconds / 60:.1f} min; evaluating {best}", flush=True)
+    # the last checkpoint, never one selected on dev: dev is the split this reports
+    last = checkpoint.last_model_path if checkpoint else ""
+    if not last:
+        raise CoaloraError(
+            "training wrote no last checkpoint; keep ModelCheckpoint (save_last: true) in the config"
+        )
+    print(f"trained in {fit_seconds / 60:.1f} min; evaluating {last}", flush=True)
     eval_args = argparse.Namespace(
-        ckpt=[best],
+        ckpt=[last],
         budgets=None,
         qconfig=[],
         random=args.random,

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--random", type=int, default=0, help="N random unseen configurations over 2.25-7 bits"
     )
-    parser.add_argument("--seen", type=int, default=0, help="N configurations from the final training set")
+    parser.add_argument("--seen", type=int, default=0, help="N configurations that training steps used")
     parser.add_argument("--out", default=None, help="output folder (default: <first ckpt folder>/eval)")
     parser.add_argument(
         "--glue-dir", default=None, help="GLUE data folder (default: GLUE_DIR or ../shared/data)"
@@ -82,8 +82,9 @@ def configs_to_evaluate(
         target = 2.25 + (7.0 - 2.25) * (i + 0.5) / args.random
         items.append((f"random-{i}", "random", space.random_near(target, generator)))
     if args.seen:
-        picks = torch.randperm(len(module.train_configs), generator=generator)[: args.seen]
-        items += [(f"seen-{int(i)}", "seen", module.train_configs[int(i)]) for i in picks]
+        trained = module.trained_on
+        picks = torch.randperm(len(trained), generator=generator)[: args.seen]
+        items += [(f"seen-{int(i)}", "seen", trained[int(i)]) for i in picks]
     return items
 
 
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             )
         task = module.hparams.task
         loader = _dev_loader(module, args, data_hparams)
-        seen = set(module.train_configs)
+        seen = set(module.trained_on)  # configurations a training step used, not the final set
         method = module.method.name
         items = configs_to_evaluate(module, args)
         run_name = method if module.method.serves != "own" else f"{method}@{items[0][0]}"

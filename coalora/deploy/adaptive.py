@@ -94,7 +94,7 @@ class AdaptiveModel:
             self.module.activate(config)  # quantized weights, or LQ-LoRA's pinned Q(W − L)
             timings["quantize"] = time.perf_counter() - start
             start = time.perf_counter()
-            model.apply_mixers(config)
+            model.apply_adjustments(config)
             timings["mapper"] = time.perf_counter() - start
         self.config, self.adapted, self.last_timings = config, True, timings
         return config

@@ -55,9 +55,11 @@ def build_artifact(module: CoALoRATask, resolution: Resolution) -> Artifact:
         if config is not None and weights is not None:
             packed = {n: _cpu(quantize(weights[n], config.matrices[n], family)) for n in model.space.names}
         stages.lap("quantize")
-        mixers = model.mixers(config) if (model.mapper is not None and config is not None) else None
+        adjustments = model.adjustments(config) if (model.mapper is not None and config is not None) else None
         stages.lap("mapper")
-        adapter = {name: (a.cpu(), b.cpu()) for name, (a, b) in model.folded_adapter(config, mixers).items()}
+        adapter = {
+            name: (a.cpu(), b.cpu()) for name, (a, b) in model.folded_adapter(config, adjustments).items()
+        }
         stages.lap("fold")
     full = full_precision_state(module, quantized=config is not None)
     hf_config = _labelled_config(model.backbone.config, module.hparams.task)

@@ -12,21 +12,36 @@ from coalora.eval.hypervolume import hypervolume
 from coalora.eval.results import EvalResult
 from coalora.utils import write_text_atomic
 
+#: which kinds of point each hypervolume covers; never mixed, so two runs' values are over the same
+#: configurations (budgets are allocated identically for every method; random ones come from one seed)
+HYPERVOLUME_KINDS: dict[str, tuple[str, ...]] = {
+    "hypervolume": ("budget", "own"),
+    "hypervolume_random": ("random",),
+}
+
 
 def summarise(results: list[EvalResult], task: str) -> dict[str, dict]:
-    """Per run: hypervolume over its points and the mean main metric at the budget configurations."""
+    """Per run: the mean main metric at the budget configurations and a hypervolume per kind of point.
+
+    ``hypervolume`` is over the budget points only (a QLoRA run's own budget counts as one) and
+    ``hypervolume_random`` over the random ones; seen and qconfig points, which differ per run, are in
+    neither.
+    """
     key = main_metric(task)
     summary: dict[str, dict] = {}
     for run in dict.fromkeys(r.run for r in results):
         mine = [r for r in results if r.run == run]
-        scored = [(r.metrics[key], r.avg_bits) for r in mine if r.avg_bits is not None]
         at_budgets = [r.metrics[key] for r in mine if r.kind in ("budget", "own", "fp")]
         summary[run] = {
             "method": mine[0].method,
-            "hypervolume": round(hypervolume(scored), 4) if scored else None,
             f"mean_{key}": round(sum(at_budgets) / len(at_budgets), 4) if at_budgets else None,
             "points": len(mine),
         }
+        for name, kinds in HYPERVOLUME_KINDS.items():
+            points = [
+                (r.metrics[key], r.avg_bits) for r in mine if r.kind in kinds and r.avg_bits is not None
+            ]
+            summary[run][name] = round(hypervolume(points), 4) if points else None
     return summary
 
 

@@ -1,9 +1,11 @@
 """The one LoRA layer family, for training and deployment: y = x·Ŵᵀ + b + s·B·M·A·x (SPEC §3).
 
 :class:`LoRALinear` keeps the base weight and bias frozen. For training, the model sets the active
-dequantized weight Ŵ_C and the mapper's r×r adjustment M before each forward; with neither set the layer is
-plain LoRA on the full-precision base (the fp ceiling). For deployment, :meth:`LoRALinear.frozen` builds
-the same layer around a dequantized weight with the folded B·M as its B, so it needs no mapper.
+dequantized weight Ŵ_C and the mapper's r×r adjustment D (M = I + D) before each forward; with neither set
+the layer is plain LoRA on the full-precision base (the fp ceiling). h + D·h is formed in fp32: under bf16
+autocast a diagonal adjustment below ~0.004 would otherwise round away (1 + 0.0039 is 1.0 in bf16). For
+deployment, :meth:`LoRALinear.frozen` builds the same layer around a dequantized weight with the folded
+B·M as its B, so it needs no mapper.
 
 Where the frozen weight comes from is a backend, as in peft's per-backend dispatch: :func:`lora_layer`
 picks the class registered for a backend name in :data:`LAYER_BACKENDS` (``dense``: a full tensor; a
@@ -42,8 +44,8 @@ class LoRALinear(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         #: dequantized weight of the active configuration (None: the stored weight); not saved
         self.active_weight: torch.Tensor | None = None
-        #: the mapper's r×r adjustment for the active configuration (None: identity)
-        self.mixer: torch.Tensor | None = None
+        #: the mapper's r×r adjustment D for the active configuration, M = I + D (None: M = I)
+        self.adjustment: torch.Tensor | None = None
 
     @classmethod
     def frozen(
@@ -61,7 +63,7 @@ class LoRALinear(nn.Module):
         layer.lora_B = nn.Parameter(lora_B.to(base.weight), requires_grad=False)
         layer.dropout = nn.Identity()
         layer.active_weight = None
-        layer.mixer = None
+        layer.adjustment = None
         return layer
 
     def base_weight(self) -> torch.Tensor:
@@ -72,13 +74,17 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.base_weight(), self.bias)
         hidden = F.linear(self.dropout(x), self.lora_A)
-        if self.mixer is not None:
-            hidden = F.linear(hidden, self.mixer)  # h·Mᵀ, i.e. M·A·x per token
+        if self.adjustment is not None:
+            hidden = adjusted(hidden, self.adjustment)  # M·A·x per token
         return out + self.scaling * F.linear(hidden, self.lora_B)
 
-    def folded_B(self, mixer: torch.Tensor | None = None) -> torch.Tensor:
-        """B·M: with it the layer is a plain LoRA for one configuration (the one fold, used for export)."""
-        return self.lora_B if mixer is None else self.lora_B @ mixer
+    def folded_B(self, adjustment: torch.Tensor | None = None) -> torch.Tensor:
+        """B·M = B + B·D, summed in float64: with it the layer is a plain LoRA for one configuration (the
+        one fold, used for export)."""
+        if adjustment is None:
+            return self.lora_B
+        b = self.lora_B.double()
+        return (b + b @ adjustment.double()).to(self.lora_B.dtype)
 
     def merged(self) -> nn.Linear:
         """A plain Linear with Ŵ + s·B·A (summed in float64 so merging adds no visible rounding)."""
@@ -86,7 +92,7 @@ class LoRALinear(nn.Module):
         linear = nn.utils.skip_init(
             nn.Linear, self.in_features, self.out_features, bias=self.bias is not None
         )
-        delta = self.folded_B(self.mixer).double() @ self.lora_A.double()
+        delta = self.folded_B(self.adjustment).double() @ self.lora_A.double()
         linear.weight = nn.Parameter((weight.double() + self.scaling * delta).to(weight.dtype), False)
         if self.bias is not None:
             linear.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
@@ -94,6 +100,17 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def adjusted(hidden: torch.Tensor, adjustment: torch.Tensor) -> torch.Tensor:
+    """M·h = h + D·h per token, formed in fp32 whatever the autocast dtype, returned in ``hidden``'s dtype.
+
+    (Under autocast the next linear would cast an fp32 result to bf16 anyway; rounding each element of
+    h + D·h keeps the adjustment in expectation, where rounding M = I + D to bf16 erases it outright.)
+    """
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        h = hidden.float()
+        return (h + F.linear(h, adjustment.float())).to(hidden.dtype)
 
 
 #: backend name -> layer class; a backend for another weight storage registers its subclass here

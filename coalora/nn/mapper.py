@@ -2,8 +2,12 @@
 
 Input for matrix i: learned embeddings of its five option fields, its block index and its module type
 (every module type has its own embedding), concatenated -> LayerNorm -> MLP -> r×r. All matrices of a
-configuration go through in one batched call; M = I + α·out with the last layer initialised near zero,
-so training starts from plain LoRA.
+configuration go through in one batched call. It returns the adjustment D = α·out, so M = I + D, with the
+last layer initialised near zero, so training starts from plain LoRA.
+
+D is computed in fp32 even under bf16 autocast, and never added to I: in bf16, 1 + 0.0039 is exactly 1.0,
+so forming M there would erase every diagonal adjustment below ~0.004. The LoRA layer forms h + D·h in
+fp32 instead (see :class:`coalora.nn.lora.LoRALinear`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,9 @@ class ConfigMapper(nn.Module):
         self.alpha = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, options: torch.Tensor, blocks: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        """``options`` (N, 5) field indices, ``blocks`` (N,), ``types`` (N,) -> M of shape (N, r, r)."""
-        parts = [emb(options[:, i]) for i, emb in enumerate(self.field_embeddings)]
-        parts += [self.block_embedding(blocks), self.type_embedding(types)]
-        out = self.net(torch.cat(parts, dim=-1)).view(-1, self.rank, self.rank)
-        eye = torch.eye(self.rank, device=out.device, dtype=out.dtype)
-        return eye + self.alpha * out
+        """``options`` (N, 5) field indices, ``blocks`` (N,), ``types`` (N,) -> D of shape (N, r, r), fp32."""
+        with torch.autocast(device_type=options.device.type, enabled=False):
+            parts = [emb(options[:, i]) for i, emb in enumerate(self.field_embeddings)]
+            parts += [self.block_embedding(blocks), self.type_embedding(types)]
+            out = self.net(torch.cat(parts, dim=-1).float()).view(-1, self.rank, self.rank)
+            return self.alpha.float() * out.float()

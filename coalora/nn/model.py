@@ -122,37 +122,37 @@ class CoALoRAModel(nn.Module):
             self._active[i] = None  # force a refresh if another configuration is set later
         self.active_config = config
 
-    def mixers(self, config: QConfig) -> torch.Tensor:
-        """M for every target matrix under ``config``, in one batched mapper call: (N, r, r)."""
+    def adjustments(self, config: QConfig) -> torch.Tensor:
+        """D (M = I + D) for every target matrix under ``config``, in one batched mapper call: (N, r, r)."""
         assert self.mapper is not None
         encoded = self.space.encode(config).to(self.block_ids.device)
         return self.mapper(encoded, self.block_ids, self.type_ids)
 
-    def apply_mixers(self, config: QConfig | None) -> None:
-        mixers = self.mixers(config) if (self.mapper is not None and config is not None) else None
+    def apply_adjustments(self, config: QConfig | None) -> None:
+        adjustments = self.adjustments(config) if (self.mapper is not None and config is not None) else None
         for i, layer in enumerate(self.layers):
-            layer.mixer = None if mixers is None else mixers[i]
+            layer.adjustment = None if adjustments is None else adjustments[i]
 
     def forward(self, config: QConfig | None = None, **batch) -> object:
         """Run the backbone under ``config`` (already-set config if it is the active one)."""
         if config is not self.active_config:
             self.set_config(config)
-        self.apply_mixers(config)
+        self.apply_adjustments(config)
         return self.backbone(**batch)
 
     # -- deployment ------------------------------------------------------------------------------------
     @torch.no_grad()
     def folded_adapter(
-        self, config: QConfig | None, mixers: torch.Tensor | None = None
+        self, config: QConfig | None, adjustments: torch.Tensor | None = None
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (A, B·M): a plain LoRA adapter for ``config`` (``mixers``: the mapper's output for it,
-        if already computed)."""
-        if mixers is None and self.mapper is not None and config is not None:
-            mixers = self.mixers(config)
+        """name -> (A, B·M): a plain LoRA adapter for ``config`` (``adjustments``: the mapper's output for
+        it, if already computed)."""
+        if adjustments is None and self.mapper is not None and config is not None:
+            adjustments = self.adjustments(config)
         return {
             name: (
                 layer.lora_A.detach().clone(),
-                layer.folded_B(None if mixers is None else mixers[i]).clone(),
+                layer.folded_B(None if adjustments is None else adjustments[i]).clone(),
             )
             for i, (name, layer) in enumerate(zip(self.space.names, self.layers, strict=True))
         }

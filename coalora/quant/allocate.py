@@ -61,8 +61,13 @@ def allocate(
     errors: torch.Tensor | np.ndarray,
     budget_bits: float,
     options: Sequence[QuantOption] = OPTION_SPACE,
+    time_limit_s: float | None = None,
 ) -> QConfig:
-    """The configuration with least total error whose avg_bits does not exceed ``budget_bits``."""
+    """The configuration with least total error whose avg_bits does not exceed ``budget_bits``.
+
+    Without ``time_limit_s`` the answer depends only on the table and the budget (to the solver's relative
+    gap); a time limit trades that for speed (see :data:`~coalora.quant.knapsack.MIP_TIME_LIMIT_S`).
+    """
     check_budget(budget_bits, options)
     errors = np.asarray(errors, dtype=np.float64)
     if errors.shape != (len(space), len(options)):
@@ -71,7 +76,7 @@ def allocate(
             "recompute it for this model"
         )
     costs, capacity = _integer_costs(space, options, budget_bits)
-    choice = solve_mckp(errors, costs, capacity)
+    choice = solve_mckp(errors, costs, capacity, time_limit_s)
     return space.make(options[j] for j in choice)
 
 
@@ -80,17 +85,20 @@ def cached_allocate(
     errors: torch.Tensor | np.ndarray,
     budget_bits: float,
     cache_dir: str | os.PathLike | None = None,
+    time_limit_s: float | None = None,
 ) -> QConfig:
-    """:func:`allocate`, remembered on disk per (error table, budget): a run allocates its grid once."""
+    """:func:`allocate`, remembered on disk per (error table, budget, time limit): a run allocates its grid
+    once. Time-limited and unlimited solutions are cached apart: only the unlimited ones are reproducible."""
     table = np.ascontiguousarray(np.asarray(errors, dtype=np.float64))
     digest = hashlib.sha256(table.tobytes() + "|".join(space.names).encode()).hexdigest()[:16]
-    path = Path(cache_dir or default_cache_dir()) / "allocations" / f"{digest}-{budget_bits:.4f}.json"
+    limit = "" if time_limit_s is None else f"-t{time_limit_s:g}"
+    path = Path(cache_dir or default_cache_dir()) / "allocations" / f"{digest}-{budget_bits:.4f}{limit}.json"
     if path.is_file():
         try:
             return space.validate(QConfig.load(path))
         except CoaloraError:
             pass  # a stale or damaged entry: recompute it
-    config = allocate(space, table, budget_bits)
+    config = allocate(space, table, budget_bits, time_limit_s=time_limit_s)
     space.save(config, path)
     return config
 

@@ -13,12 +13,11 @@ treated as a rough weighting (the plain, F = 1 table is the alternative).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +27,7 @@ from torch import nn
 from coalora.errors import CoaloraError
 from coalora.pretrained import load_tokenizer, resolve_model_path
 from coalora.quant.targets import TargetMatrix, discover_targets, weights_fingerprint
+from coalora.utils import quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -117,23 +117,6 @@ def _load_lm(model_name: str, tokenizer: PreTrainedTokenizerBase) -> tuple[nn.Mo
         )
     model.eval()
     return model, masked
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars (e.g. 'classifier newly initialised')."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _match_targets(

@@ -39,22 +39,26 @@ def pareto_options(errors: np.ndarray, costs: np.ndarray) -> list[int]:
     return kept
 
 
-#: HiGHS stops within this relative gap of the optimum's error, or after this many seconds with the best
-#: feasible point. Near-tied tables (random or tiny weights) otherwise take minutes to prove optimality for
-#: a 1e-4 difference in quantization error that no accuracy number can see.
+#: HiGHS stops within this relative gap of the optimum's error: near-tied tables (random or tiny weights)
+#: otherwise take minutes to prove optimality for a 1e-4 difference that no accuracy number can see. The
+#: gap is a property of the problem, so the answer is the same on every machine.
 MIP_REL_GAP = 1e-4
-
+#: A time bound callers may add (the training grid's 54 budgets): then the answer depends on the machine's
+#: speed and load, so configurations that are reported (evaluation budgets) are never solved with one.
 MIP_TIME_LIMIT_S = 2.0
 
 
 def solve_mckp(
-    errors: torch.Tensor | np.ndarray, costs: torch.Tensor | np.ndarray, capacity: float
+    errors: torch.Tensor | np.ndarray,
+    costs: torch.Tensor | np.ndarray,
+    capacity: float,
+    time_limit_s: float | None = None,
 ) -> list[int]:
     """Option index per row minimising total error with total cost <= capacity (multiple-choice knapsack).
 
     Dominated options are dropped; a Lagrangian relaxation gives a feasible greedy choice; HiGHS solves the
-    integer program over the non-dominated options to within MIP_REL_GAP (or its time limit) and the
-    better of the two is returned. The result never exceeds ``capacity`` (see :func:`_solve_fronts`).
+    integer program over the non-dominated options to within MIP_REL_GAP (or ``time_limit_s``, if given)
+    and the better of the two is returned. The result never exceeds ``capacity`` (see :func:`_solve_fronts`).
     """
     errors = np.asarray(errors, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.float64)
@@ -75,7 +79,7 @@ def solve_mckp(
         return [int(j) for j in least]
     fronts = [pareto_options(e, c) for e, c in zip(errors, costs, strict=True)]
     _, _, greedy = _lagrangian(errors, costs, capacity)
-    choice = _solve_fronts(errors, costs, fronts, capacity)
+    choice = _solve_fronts(errors, costs, fronts, capacity, time_limit_s)
     best = min((choice, [int(j) for j in greedy]), key=lambda c: errors[rows, c].sum())
     return [int(j) for j in best]
 
@@ -133,7 +137,11 @@ def _fill_up(choice: np.ndarray, errors: np.ndarray, costs: np.ndarray, capacity
 
 
 def _solve_fronts(
-    errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], capacity: float
+    errors: np.ndarray,
+    costs: np.ndarray,
+    fronts: list[list[int]],
+    capacity: float,
+    time_limit_s: float | None = None,
 ) -> list[int]:
     """The best choice among ``fronts``' options whose float64 cost is within ``capacity``.
 
@@ -144,7 +152,7 @@ def _solve_fronts(
     integral = bool(np.all(costs == np.round(costs))) and float(np.abs(costs).sum(axis=1).max()) < 2.0**52
     limit = float(math.floor(capacity * (1 + _COST_RTOL))) if integral else float(capacity)
     rows = np.arange(len(fronts))
-    choice = _milp_choice(errors, costs, fronts, limit, scale_costs=not integral)
+    choice = _milp_choice(errors, costs, fronts, limit, not integral, time_limit_s)
     if choice is None:
         raise CoaloraError("the knapsack solver found no feasible choice; try a larger budget")
     for _ in range(3):
@@ -152,12 +160,17 @@ def _solve_fronts(
         if excess <= abs(capacity) * _COST_RTOL:
             return choice
         limit -= excess
-        choice = _milp_choice(errors, costs, fronts, limit, scale_costs=not integral) or choice
+        choice = _milp_choice(errors, costs, fronts, limit, not integral, time_limit_s) or choice
     return _repair(choice, fronts, errors, costs, capacity)
 
 
 def _milp_choice(
-    errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], limit: float, scale_costs: bool
+    errors: np.ndarray,
+    costs: np.ndarray,
+    fronts: list[list[int]],
+    limit: float,
+    scale_costs: bool,
+    time_limit_s: float | None = None,
 ) -> list[int] | None:
     """One HiGHS solve over the given options: binaries, one-hot rows per matrix, a capacity row.
 
@@ -182,7 +195,10 @@ def _milp_choice(
             constraints=constraints,
             integrality=np.ones(len(rows)),
             bounds=Bounds(0, 1),
-            options={"mip_rel_gap": MIP_REL_GAP, "time_limit": MIP_TIME_LIMIT_S},
+            options={
+                "mip_rel_gap": MIP_REL_GAP,
+                **({} if time_limit_s is None else {"time_limit": time_limit_s}),
+            },
         )
     if result.x is None:
         return None

@@ -13,7 +13,6 @@ Shared-LoRA's are allocated on first use, so a task loaded from a checkpoint nev
 from __future__ import annotations
 
 import functools
-import json
 import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -26,15 +25,15 @@ from torch import nn
 from coalora.errors import CoaloraError
 from coalora.nn.model import CoALoRAModel
 from coalora.pretrained import DEFAULT_MODEL
-from coalora.quant.allocate import EVAL_BUDGETS, budget_grid, cached_allocate, check_budget
+from coalora.quant.allocate import check_budget
 from coalora.quant.error_table import cached_error_table
 from coalora.quant.lqlora import lqlora_decompose, lqlora_residuals
 from coalora.quant.qconfig import QConfig
 from coalora.quant.targets import target_weights, weights_fingerprint
+from coalora.tasks.configurations import ConfigurationSets
 from coalora.tasks.methods import Method, MethodSpec, method_spec
 from coalora.utils import budget_label
 
-FP_LABEL = "fp"
 #: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
 TASK_TYPES: dict[str, type[CoALoRATask]] = {}
 
@@ -75,6 +74,9 @@ class CoALoRATask(L.LightningModule, ABC):
         mapper_hidden: int = 128,
         quant_cache_gb: float = 4.0,
         seed: int = 42,
+        use_mapper: bool = True,
+        low_bit_draw: float | None = None,
+        distill_weight: float = 0.0,
     ) -> None:
         """
         Args:
@@ -91,6 +93,12 @@ class CoALoRATask(L.LightningModule, ABC):
             mapper_embed_dim, mapper_hidden: the configuration-aware network.
             quant_cache_gb: bound of the dequantized-weight cache.
             seed: the run's seed (each step's draw of configurations; the data module follows it).
+            use_mapper: False switches CoA-LoRA's mapper off (M = I): one shared adapter trained exactly as
+                CoA-LoRA trains, the ablation that isolates the mapper's contribution.
+            low_bit_draw: budget-stratified sampling: one of each step's K configurations is drawn from
+                those under this many bits (None: all K uniformly from the training set).
+            distill_weight: weight of in-step distillation from the full-precision model (same adapter, no
+                mapper, no gradient) into every configuration of the step; 0 turns it off.
         """
         super().__init__()
         self.method: MethodSpec = method_spec(method)
@@ -98,6 +106,8 @@ class CoALoRATask(L.LightningModule, ABC):
             raise CoaloraError(f"method '{method}' trains for one configuration: set train_budget or qconfig")
         if configs_per_step < 1:
             raise CoaloraError(f"configs_per_step must be >= 1, got {configs_per_step}")
+        if distill_weight < 0:
+            raise CoaloraError(f"distill_weight must be >= 0, got {distill_weight}")
         self.save_hyperparameters()
         backbone = self.load_backbone()
         self.model = CoALoRAModel(
@@ -106,7 +116,7 @@ class CoALoRATask(L.LightningModule, ABC):
             rank=rank,
             alpha=alpha,
             dropout=lora_dropout,
-            use_mapper=self.method.uses_mapper,
+            use_mapper=self.method.uses_mapper and use_mapper,
             mapper_embed_dim=mapper_embed_dim,
             mapper_hidden=mapper_hidden,
             code_family=code_family,
@@ -114,21 +124,15 @@ class CoALoRATask(L.LightningModule, ABC):
         )
         weights = target_weights(backbone, self.model.space.targets)
         self.fingerprint = weights_fingerprint(weights)
-        self._eval_configs: dict[str, QConfig | None] | None = None
-        self._train_configs: list[QConfig] | None = None
         self._error_table: torch.Tensor | None = None
         #: LQ-LoRA's Q(W − L) for its one configuration (empty for other methods)
         self.pinned_weights: dict[str, torch.Tensor] = {}
-        if self.method.quantized:  # a bad budget fails now, not at the first (lazy) allocation
-            for budget in (
-                *self._budgets(),
-                *(train_budgets or []),
-                *([train_budget] if train_budget else []),
-            ):
-                check_budget(budget)
+        self.configs = ConfigurationSets(
+            self.model.space, self.method, self.error_table, eval_budgets, train_budgets
+        )
         if self.method.fixed:  # one configuration at most, and LQ-LoRA's init needs it now
             self._allocate_fixed(weights)
-        self.configure_metrics(list(self._eval_configs) if self._eval_configs is not None else self._labels())
+        self.configure_metrics(self.configs.labels)
 
     # -- what a subclass provides ------------------------------------------------------------------------
     @abstractmethod
@@ -151,6 +155,10 @@ class CoALoRATask(L.LightningModule, ABC):
     def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
         """The accumulated metrics of configuration ``label`` (and reset them)."""
 
+    def distillation_loss(self, outputs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """How far ``outputs`` are from the full-precision ``teacher``'s (for ``distill_weight`` > 0)."""
+        raise CoaloraError(f"{type(self).__name__} does not support distill_weight; set it to 0")
+
     @property
     @abstractmethod
     def main_metric(self) -> str:
@@ -160,35 +168,25 @@ class CoALoRATask(L.LightningModule, ABC):
     @property
     def eval_configs(self) -> dict[str, QConfig | None]:
         """Evaluation configurations by label (the budget, or "fp")."""
-        if self._eval_configs is None:
-            self._eval_configs = {label: self._at(b) for label, b in zip(self._labels(), self._budgets())}
-        return self._eval_configs
+        return self.configs.eval
 
     @eval_configs.setter
     def eval_configs(self, configs: dict[str, QConfig | None]) -> None:
-        self._eval_configs = dict(configs)
+        self.configs.eval = configs
 
     @property
     def train_configs(self) -> list[QConfig]:
         """The configurations training draws from (the search callback replaces them between epochs)."""
-        if self._train_configs is None:
-            if self.method.train_set == "eval":
-                self._train_configs = [c for c in self.eval_configs.values() if c is not None]
-            else:
-                hp = self.hparams
-                grid = budget_grid() if hp.train_budgets is None else hp.train_budgets
-                self._train_configs = list(dict.fromkeys(self._at(b) for b in grid))
-        return self._train_configs
+        return self.configs.train
 
     @train_configs.setter
     def train_configs(self, configs: Sequence[QConfig]) -> None:
-        self._train_configs = list(configs)
+        self.configs.train = configs
 
-    def _budgets(self) -> tuple[float, ...]:
-        return EVAL_BUDGETS if self.hparams.eval_budgets is None else tuple(self.hparams.eval_budgets)
-
-    def _labels(self) -> list[str]:
-        return [budget_label(b) for b in self._budgets()]
+    @property
+    def trained_on(self) -> list[QConfig]:
+        """Every configuration a training step has drawn (saved in checkpoints): evaluation's "seen"."""
+        return self.configs.trained_on
 
     def error_table(self) -> torch.Tensor:
         """The allocator's error table for this backbone (cached on disk, and here after the first use)."""
@@ -197,23 +195,19 @@ class CoALoRATask(L.LightningModule, ABC):
             self._error_table = cached_error_table(weights, family=self.hparams.code_family)
         return self._error_table
 
-    def _at(self, budget: float) -> QConfig:
-        """The allocated configuration for ``budget`` (error table and allocation cached on disk)."""
-        return cached_allocate(self.model.space, self.error_table(), budget)
-
     def _allocate_fixed(self, weights: dict[str, torch.Tensor]) -> None:
         """fp, QLoRA and LQ-LoRA: the one configuration they train and evaluate at."""
         hp = self.hparams
         if not self.method.quantized:
-            self._eval_configs, self._train_configs = {FP_LABEL: None}, []
+            self.configs.fix(None)
             return
-        space = self.model.space
+        label = None  # a qconfig file is labelled by its average bits
         if hp.qconfig is not None:
-            config = space.load(hp.qconfig)
-            label = budget_label(space.avg_bits(config))
+            config = self.model.space.load(hp.qconfig)
         else:
-            config, label = self._at(hp.train_budget), budget_label(hp.train_budget)
-        self._eval_configs, self._train_configs = {label: config}, [config]
+            check_budget(hp.train_budget)
+            config, label = self.configs.allocate(hp.train_budget), budget_label(hp.train_budget)
+        self.configs.fix(config, label)
         if self.method.lqlora_init:
             self._init_lqlora(config, weights)
 
@@ -241,7 +235,7 @@ class CoALoRATask(L.LightningModule, ABC):
         """Replace the training configuration set (the search callback calls this between epochs)."""
         if not configs:
             raise CoaloraError("the training configuration set cannot be empty")
-        self.train_configs = [self.model.space.validate(c) for c in configs]
+        self.configs.train = configs
 
     def sample_configs(self) -> list[QConfig | None]:
         """This step's configurations, seeded by the global step: DDP ranks and resumed runs agree."""
@@ -255,8 +249,7 @@ class CoALoRATask(L.LightningModule, ABC):
             else min(self.hparams.configs_per_step, len(self.train_configs))
         )
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        picks = torch.randperm(len(self.train_configs), generator=generator)[:k]
-        return [self.train_configs[int(i)] for i in picks]
+        return self.configs.draw(k, generator, self.hparams.low_bit_draw)
 
     def activate(self, config: QConfig | None) -> None:
         """Set the backbone's weights for ``config``: LQ-LoRA's pinned base, else the quantized weights."""
@@ -302,7 +295,20 @@ class CoALoRATask(L.LightningModule, ABC):
         return len(batch["input_ids"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = [self.batch_loss(batch, c) for c in self.sample_configs()]
+        configs = self.sample_configs()
+        self.configs.record(configs)
+        weight = self.hparams.distill_weight
+        teacher = None
+        if weight > 0:  # the sandwich rule's teacher: full precision, the same adapter, no gradient
+            with torch.no_grad():
+                teacher = self(batch, None)
+        losses = []
+        for config in configs:
+            outputs = self(batch, config)
+            loss = self.loss(outputs, batch)
+            if teacher is not None:
+                loss = loss + weight * self.distillation_loss(outputs, teacher)
+            losses.append(loss)
         loss = functools.reduce(operator.add, losses) / len(losses)
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
         return loss
@@ -349,8 +355,7 @@ class CoALoRATask(L.LightningModule, ABC):
         checkpoint["coalora"] = {
             "task": self.task_type,
             "fingerprint": self.fingerprint,
-            "train_configs": [c.to_json() for c in self.train_configs],
-            "eval_configs": {k: None if c is None else c.to_json() for k, c in self.eval_configs.items()},
+            **self.configs.state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -370,23 +375,4 @@ class CoALoRATask(L.LightningModule, ABC):
             )
         for key, value in self.state_dict().items():  # the frozen backbone, verified by the fingerprint above
             checkpoint["state_dict"].setdefault(key, value)
-        space = self.model.space
-        self.train_configs = [space.validate(QConfig.from_json(c)) for c in state["train_configs"]]
-        self.eval_configs = {
-            k: None if c is None else space.validate(QConfig.from_json(c))
-            for k, c in state["eval_configs"].items()
-        }
-
-    def describe(self) -> str:
-        """One JSON line summarising what the task trains (for logs)."""
-        space = self.model.space
-        evals = {k: None if c is None else round(space.avg_bits(c), 4) for k, c in self.eval_configs.items()}
-        return json.dumps(
-            {
-                "method": self.method.name,
-                "targets": len(space),
-                "train_configs": len(self.train_configs),
-                "eval": evals,
-                "trainable": sum(p.numel() for p in self.model.trainable_parameters()),
-            }
-        )
+        self.configs.load_state(state)

@@ -48,8 +48,9 @@ def task_class(checkpoint: dict) -> type[CoALoRATask]:
 def load_task(path: str | os.PathLike) -> CoALoRATask:
     """Rebuild the task a checkpoint was written by, with its weights and configuration sets, in eval mode.
 
-    Like ``load_from_checkpoint``, but from a weights-only read, with one-line errors, and without the
-    allocator: the configuration sets come from the checkpoint.
+    Like ``load_from_checkpoint``, but from a weights-only read and with one-line errors. The configuration
+    sets come from the checkpoint, so coalora/shared tasks never run the allocator; qlora/lqlora still
+    allocate (from the disk cache) and decompose their one configuration while being constructed.
     """
     checkpoint = read_checkpoint(path)
     cls = task_class(checkpoint)

@@ -44,6 +44,15 @@ class ClassificationTask(CoALoRATask):
             return nn.functional.mse_loss(outputs.view(-1).float(), labels.float())
         return nn.functional.cross_entropy(outputs.float(), labels)
 
+    def distillation_loss(self, outputs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """KL(teacher ‖ student) of the class distributions (squared error of the score for STS-B)."""
+        if self.spec.is_regression:
+            return nn.functional.mse_loss(outputs.float(), teacher.float())
+        target = teacher.float().log_softmax(dim=-1)
+        return nn.functional.kl_div(
+            outputs.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean"
+        )
+
     def configure_metrics(self, labels: list[str]) -> None:
         self.metrics = nn.ModuleDict({_key(label): glue_metrics(self.hparams.task) for label in labels})
 

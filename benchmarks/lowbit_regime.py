@@ -1,0 +1,311 @@
+"""The low-bit regime (issue #11): where configurations matter, 3 seeds, mean ± std per cell.
+
+    python benchmarks/compare_methods.py --regime lowbit                     # every method, seeds 42 43 44
+    python benchmarks/compare_methods.py --regime lowbit --seeds 42 --only coalora-search shared-trainset
+
+Evaluation configurations: the budgets 2.1/2.3/2.5/2.7/3.0 bits, allocated without a solver time limit
+(none is on the training grid 2.25, 2.35, ...), and 20 random configurations over 2.1-3.5 bits drawn once
+from a fixed seed and kept in ``benchmarks/lowbit/random/`` (the same files for every method and seed).
+Every method is evaluated on all 872 GLUE dev sentences at every configuration it can serve, from its
+``last.ckpt`` (nothing is selected on dev). Methods: fp-LoRA, QLoRA per budget, Shared-LoRA on the
+evaluation budgets, Shared-LoRA on CoA-LoRA's training set (CoA-LoRA with the mapper off, frozen set: the
+ablation that isolates the mapper), CoA-LoRA with the search, a frozen set and random extension, and
+CoA-LoRA with the search plus two changes tried to reach the bars (``coalora-sandwich``: distillation from
+full precision in every step, and one configuration per step drawn under 3 bits).
+All runs: the same training sentences, one epoch, batch 32, rank 16, lr 5e-4, bf16.
+
+Runs live in ``runs/lowbit/s<seed>/<run>/`` and are skipped once their ``done.json`` exists, so the regime
+runs in parts. Outputs: ``docs/bench/lowbit.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from compare_methods import REPO, evaluate_with, train
+
+BUDGETS = (2.1, 2.3, 2.5, 2.7, 3.0)
+RANDOM_RANGE = (2.1, 3.5)
+RANDOM_COUNT = 20
+RANDOM_SEED = 2026
+SEEDS = (42, 43, 44)
+HERE = REPO / "benchmarks" / "lowbit"
+SETTINGS = {"epochs": 1, "train_limit": 3200, "eval_limit": None, "search_size": 256}
+BUDGET_FLAG = "[" + ", ".join(str(b) for b in BUDGETS) + "]"
+
+
+def planned_runs() -> list[tuple[str, list[str]]]:
+    """(run name, extra flags); every run is evaluated at the low-bit budgets, none validates during fit."""
+    common = ["--model.eval_budgets", BUDGET_FLAG, "--trainer.limit_val_batches", "0"]
+    lowbit = str(HERE.relative_to(REPO))
+    runs = [("fp", ["--config", "configs/baselines/fp.yaml"])]
+    for budget in BUDGETS:
+        runs.append(
+            (
+                f"qlora@{budget}",
+                ["--config", "configs/baselines/qlora.yaml", "--model.train_budget", str(budget)],
+            )
+        )
+    runs.append(("shared", ["--config", "configs/baselines/shared.yaml"]))
+    runs.append(("shared-trainset", ["--config", f"{lowbit}/frozen.yaml", "--model.use_mapper", "false"]))
+    for mode in ("search", "frozen", "random"):
+        runs.append((f"coalora-{mode}", ["--config", f"{lowbit}/{mode}.yaml"]))
+    # the attempt to reach the bars: the sandwich rule's distillation from full precision, and one of the
+    # K configurations of every step drawn under 3 bits (budget-stratified sampling)
+    sandwich = ["--model.distill_weight", "1.0", "--model.low_bit_draw", "3.0"]
+    runs.append(("coalora-sandwich", ["--config", f"{lowbit}/search.yaml", *sandwich]))
+    return [(name, [*flags, *common]) for name, flags in runs]
+
+
+def random_configs() -> list[Path]:
+    """The 20 random evaluation configurations, made once (a fixed seed) and reused from then on."""
+    folder = HERE / "random"
+    files = sorted(folder.glob("random-*.json"))
+    if len(files) == RANDOM_COUNT:
+        return files
+    import torch
+
+    from coalora.pretrained import DEFAULT_MODEL, load_classifier
+    from coalora.quant.qconfig import ConfigSpace
+    from coalora.quant.targets import discover_targets
+    from coalora.utils import quiet_transformers
+
+    with quiet_transformers():
+        space = ConfigSpace(
+            discover_targets(load_classifier(DEFAULT_MODEL, num_labels=2)), model=DEFAULT_MODEL
+        )
+    generator = torch.Generator().manual_seed(RANDOM_SEED)
+    low, high = RANDOM_RANGE
+    folder.mkdir(parents=True, exist_ok=True)
+    found: list[Path] = []
+    while len(found) < RANDOM_COUNT:
+        target = low + (high - low) * float(torch.rand(1, generator=generator))
+        config = space.random_near(target, generator)
+        if low <= space.avg_bits(config) <= high:
+            path = folder / f"random-{len(found):02d}.json"
+            space.save(config, path)
+            found.append(path)
+    return found
+
+
+def run_seed(seed: int, only: list[str] | None) -> list[dict]:
+    """Train and evaluate every planned run of one seed; rows of the issue's schema."""
+    root = REPO / "runs" / "lowbit" / f"s{seed}"
+    randoms = [str(p) for p in random_configs()]
+    rows = []
+    for name, flags in planned_runs():
+        if only and name not in only:
+            continue
+        record = train(name, flags, root, SETTINGS, seed)
+        serves_any = not name.startswith(("fp", "qlora"))
+        extra = ["--budgets", *map(str, BUDGETS), "--qconfig", *randoms] if serves_any else []
+        for row in evaluate_with(record, root, extra):
+            kind = (
+                "random"
+                if row["kind"] == "qconfig"
+                else "budget"
+                if row["kind"] in ("budget", "own")
+                else row["kind"]
+            )
+            rows.append(
+                {
+                    "method": name.split("@")[0],
+                    "seed": seed,
+                    "label": row["label"],
+                    "kind": kind,
+                    "avg_bits": row["avg_bits"],
+                    "seen": row["seen"],
+                    "accuracy": row["accuracy"],
+                    "train_seconds": record["train_seconds"],
+                }
+            )
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cells(rows: list[dict]) -> dict[str, dict]:
+    """Per method: mean ± std over seeds at each budget, and of the per-seed mean over the random ones."""
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        seeds = sorted({r["seed"] for r in mine})
+        entry: dict = {"seeds": seeds, "budget": {}, "random_mean": None, "budget_mean": None}
+        for label in [*map(str, BUDGETS), "fp"]:
+            values = [r["accuracy"] for r in mine if r["label"] == label and r["kind"] in ("budget", "fp")]
+            if values:
+                entry["budget"][label] = mean_std(values)
+        for kind in ("budget", "random"):
+            per_seed = [
+                statistics.fmean(r["accuracy"] for r in mine if r["seed"] == s and r["kind"] == kind)
+                for s in seeds
+                if any(r["seed"] == s and r["kind"] == kind for r in mine)
+            ]
+            if per_seed:
+                entry[f"{kind}_mean"] = mean_std(per_seed)
+        entry["train_minutes_per_seed"] = round(
+            statistics.fmean(
+                sum({r["label"]: r["train_seconds"] for r in mine if r["seed"] == s}.values())
+                if method == "qlora"
+                else next(r["train_seconds"] for r in mine if r["seed"] == s)
+                for s in seeds
+            )
+            / 60,
+            1,
+        )
+        out[method] = entry
+    return out
+
+
+def bars(rows: list[dict]) -> dict[str, object]:
+    """The issue's three bars, each as a difference of per-seed means, with its std over seeds."""
+
+    def per_seed(method: str, kind: str, label: str | None = None) -> dict[int, float]:
+        found: dict[int, list[float]] = {}
+        for r in rows:
+            if r["method"] == method and r["kind"] == kind and (label is None or r["label"] == label):
+                found.setdefault(r["seed"], []).append(r["accuracy"])
+        return {s: statistics.fmean(v) for s, v in found.items()}
+
+    def gap(a: dict[int, float], b: dict[int, float]) -> list[float] | None:
+        common = sorted(set(a) & set(b))
+        return [100 * (a[s] - b[s]) for s in common] or None
+
+    result: dict[str, object] = {}
+    default, ablation = "coalora-search", "shared-trainset"
+    random_gap = gap(per_seed(default, "random"), per_seed(ablation, "random"))
+    if random_gap:
+        result["mapper_gain_random_points"] = mean_std(random_gap)
+        result["bar_mapper_random_met"] = statistics.fmean(random_gap) >= 1.0
+    per_budget = {}
+    for b in map(str, BUDGETS):
+        found = gap(per_seed(default, "budget", b), per_seed(ablation, "budget", b))
+        if found:
+            per_budget[b] = mean_std(found)
+    if per_budget:
+        result["mapper_gain_per_budget_points"] = per_budget
+        result["bar_mapper_every_budget_met"] = all(m >= 0 for m, _ in per_budget.values())
+    qlora_gap = gap(per_seed(default, "budget"), per_seed("qlora", "budget"))
+    if qlora_gap:
+        result["gap_to_qlora_points"] = mean_std(qlora_gap)
+        result["bar_qlora_met"] = statistics.fmean(qlora_gap) >= -0.5
+    search_gap = gap(per_seed("coalora-search", "random"), per_seed("coalora-frozen", "random"))
+    if search_gap:
+        result["search_minus_frozen_random_points"] = mean_std(search_gap)
+        result["bar_search_met"] = statistics.fmean(search_gap) >= 0
+    isolated = gap(per_seed("coalora-frozen", "random"), per_seed(ablation, "random"))
+    if isolated:  # same frozen set, mapper on vs off: the mapper alone
+        result["mapper_gain_random_frozen_vs_off_points"] = mean_std(isolated)
+    return result
+
+
+def markdown(summary: dict[str, dict], bar: dict[str, object]) -> str:
+    def cell(value: tuple[float, float] | None) -> str:
+        return "-" if value is None else f"{100 * value[0]:.2f} ± {100 * value[1]:.2f}"
+
+    labels = [*map(str, BUDGETS)]
+    lines = [
+        "| method | seeds | "
+        + " | ".join(f"acc@{b}" for b in labels)
+        + " | mean, budgets | mean, 20 random | train min/seed |",
+        "| --- " * (5 + len(labels)) + "|",
+    ]
+    for method, s in summary.items():
+        at = [cell(s["budget"].get(b, s["budget"].get("fp"))) for b in labels]
+        lines.append(
+            f"| {method} | {len(s['seeds'])} | "
+            + " | ".join(at)
+            + f" | {cell(s['budget_mean'])} | {cell(s['random_mean'])} | {s['train_minutes_per_seed']} |"
+        )
+    lines.append("")
+
+    def points(value: object) -> str:  # differences in accuracy points, mean ± std over seeds
+        if isinstance(value, tuple | list) and len(value) == 2:
+            return f"{value[0]:+.2f} ± {value[1]:.2f}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k}: {points(v)}" for k, v in value.items())
+        return str(value)
+
+    for key, value in bar.items():
+        lines.append(f"- {key}: {points(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], summary: dict[str, dict], path: Path) -> None:
+    """Accuracy against bits per method: seed means with their std at the budgets, random points faint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (method, s) in enumerate(summary.items()):
+        colour = f"C{i % 10}"
+        if "fp" in s["budget"]:
+            ax.axhline(
+                100 * s["budget"]["fp"][0], color=colour, linestyle="--", linewidth=1, label=f"{method}"
+            )
+            continue
+        bits, means, stds = [], [], []
+        for b in map(str, BUDGETS):
+            if b in s["budget"]:
+                bits.append(float(b))
+                means.append(100 * s["budget"][b][0])
+                stds.append(100 * s["budget"][b][1])
+        ax.errorbar(bits, means, yerr=stds, color=colour, marker="o", capsize=3, label=method)
+        points = [
+            (r["avg_bits"], 100 * r["accuracy"])
+            for r in rows
+            if r["method"] == method and r["kind"] == "random"
+        ]
+        if points:
+            ax.scatter(*zip(*points), color=colour, alpha=0.25, s=10)
+    ax.set_xlabel("average bits per weight")
+    ax.set_ylabel("SST-2 dev accuracy (%)")
+    ax.set_title("Low-bit regime: mean ± std over seeds at budgets; faint: the 20 random configurations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(seeds: list[int], only: list[str] | None) -> None:
+    rows = []
+    for seed in seeds:
+        rows += run_seed(seed, only)
+    out = REPO / "docs" / "bench"
+    previous = out / "lowbit.json"
+    if previous.is_file():  # keep rows of runs not redone in this invocation (running in parts)
+        done = {(r["method"], r["seed"], r["label"]) for r in rows}
+        rows = [
+            r
+            for r in json.loads(previous.read_text())["rows"]
+            if (r["method"], r["seed"], r["label"]) not in done
+        ] + rows
+    summary = cells(rows)
+    bar = bars(rows)
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores (this repo's dev machine); see docs/results.md",
+        "command": "python benchmarks/compare_methods.py " + " ".join(sys.argv[1:]),
+        "settings": {**SETTINGS, "budgets": BUDGETS, "random": RANDOM_COUNT, "random_range": RANDOM_RANGE},
+        "summary": summary,
+        "bars": bar,
+        "rows": sorted(rows, key=lambda r: (r["method"], r["seed"], r["kind"], r["label"])),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    previous.write_text(
+        json.dumps(result, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+        + "\n"
+    )
+    table = markdown(summary, bar)
+    (out / "lowbit.md").write_text(table)
+    plot(rows, summary, out / "lowbit.png")
+    print(table)
