@@ -249,7 +249,7 @@ class CoALoRATask(L.LightningModule, ABC):
             else min(self.hparams.configs_per_step, len(self.train_configs))
         )
         generator = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
-        return self.configs.draw(k, generator, self.hparams.low_bit_draw)
+        return list(self.configs.draw(k, generator, self.hparams.low_bit_draw))
 
     def activate(self, config: QConfig | None) -> None:
         """Set the backbone's weights for ``config``: LQ-LoRA's pinned base, else the quantized weights."""
