@@ -10,19 +10,29 @@ given non-trivial random weights, since latency does not depend on training) thi
   in fp32 and bf16 autocast, on 1 and on all threads (the fastest is used), times the 217 steps of one
   epoch over the 6,920 SST-2 training sentences (an assumption that favours QLoRA: the paper trains
   10-20 epochs), as a ratio;
-- artifacts at 2.5/3.0/3.5/4.0 bits: sizes against the fp32 model, build/write/load times, and the
-  largest logit difference between the loaded artifact and the training model.
+- artifacts at 2.5/3.0/3.5/4.0 bits: sizes against the fp32 model, build/write/load times (packed, the
+  default, and ``dequantize=True``), and the largest logit difference between the loaded artifact and the
+  training model;
+- packed serving (#13 item 1), on the 3.0-bit artifact of this same untrained task (no checkpoint is
+  needed: latency and memory do not depend on training), side by side with ``load(dequantize=True)`` and
+  ``from_pretrained`` of the fp32 model: bytes held by the model's tensors, process RSS growth of one load
+  in a fresh subprocess each (VmRSS before/after, and the peak), and predict latency at batch 32 x 64
+  tokens on 2 threads (medians of interleaved rounds), each against its bar.
 
-    python benchmarks/bench_adapt.py [--reps 5] [--steps 4]
+    python benchmarks/bench_adapt.py [--reps 5] [--steps 4] [--serving-rounds 9] [--rss-reps 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import itertools
+import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +49,8 @@ from common import sst2_batch, write_result
 from coalora.deploy.adaptive import AdaptiveModel
 from coalora.deploy.export import export
 from coalora.deploy.loaded import load
-from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
+from coalora.nn.packed_lora import PackedLoRALinear
+from coalora.pretrained import DEFAULT_MODEL, load_classifier, load_tokenizer
 from coalora.tasks.classification import ClassificationTask
 from coalora.utils import intra_op_threads
 
@@ -136,9 +147,13 @@ def _artifacts(module: ClassificationTask, tokenizer, batch: dict, fp32_bytes: i
             start = time.perf_counter()
             deployed = load(out)
             load_s = time.perf_counter() - start
+            start = time.perf_counter()
+            dense = load(out, dequantize=True)
+            dense_s = time.perf_counter() - start
             with torch.no_grad():
                 expected = module(batch, config)
             difference = float((deployed.logits(inputs) - expected).abs().max())
+            dense_difference = float((dense.logits(inputs) - expected).abs().max())
             meta = report.metadata
             weight_files = ("quantized.safetensors", "adapter.safetensors", "full_precision.safetensors")
             weights_on_disk = sum((out / f).stat().st_size for f in weight_files)
@@ -155,9 +170,173 @@ def _artifacts(module: ClassificationTask, tokenizer, batch: dict, fp32_bytes: i
                 ),
                 "build_ms": {k: _ms(v) for k, v in report.timings.items()},
                 "load_ms": _ms(load_s),
+                "load_dequantized_ms": _ms(dense_s),
                 "max_abs_logit_difference": difference,
+                "max_abs_logit_difference_dequantized": dense_difference,
             }
     return result
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer the model holds (a tied tensor counted once)."""
+    return sum(
+        {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values()
+    )
+
+
+def _status_kb() -> dict[str, int]:
+    """This process's resident set (VmRSS, its peak VmHWM, anonymous and file-backed parts) in kB."""
+    lines = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
+    return {k: int(v.split()[0]) for k, _, v in lines if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+
+
+#: loads measured in fresh subprocesses: the artifact packed and dequantized (with its tokenizer, as
+#: ``coalora.load`` reads it) and ``from_pretrained`` of the fp32 model, alone and with a tokenizer
+RSS_MODES = ("packed", "dequantized", "fp32", "fp32_and_tokenizer")
+
+
+def probe(mode: str, folder: str) -> None:
+    """One load in this fresh process (``--probe``): RSS growth at three points, as a JSON line.
+
+    Before the first reading, a tiny BERT runs a forward and a tiny matrix is quantized and dequantized,
+    so the library code those kernels page in is not counted as the model's. Readings: after the load;
+    after a forward on 2 x 16 fixed token ids (safetensors files are memory-mapped: weights become
+    resident when first read, so a load alone misses them); and after reading every tensor once (the
+    steady state of a long-served model, whose embedding rows have all been used).
+    """
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from coalora.quant.options import QuantOption
+    from coalora.quant.quantizer import quantize
+
+    torch.set_num_threads(2)
+    ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    tiny = BertConfig(vocab_size=20000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    with torch.no_grad():
+        BertForSequenceClassification(tiny).eval()(input_ids=ids, attention_mask=mask)
+        quantize(torch.randn(64, 64), QuantOption(3, 8, "fp16", 64, 256)).dequantize()
+    gc.collect()
+    with contextlib.suppress(OSError):  # reset the peak: VmHWM is this process's from here (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+    readings = [_status_kb()]
+    start = time.perf_counter()
+    if mode.startswith("fp32"):  # ``kept`` holds what stays alive beside the model: the tokenizer, if any
+        model = load_classifier(DEFAULT_MODEL, num_labels=2).eval()
+        kept: object = AutoTokenizer.from_pretrained(folder) if mode == "fp32_and_tokenizer" else None
+    else:
+        kept = load(folder, dequantize=mode == "dequantized")  # the DeployedModel, its tokenizer included
+        model = kept.model
+    seconds = time.perf_counter() - start
+    readings.append(_status_kb())
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        gc.collect()
+        readings.append(_status_kb())
+        _ = [t.max() for t in [*model.parameters(), *model.buffers()] if t.numel()]  # max: no upcast
+    readings.append(_status_kb())
+    before = readings[0]
+    growth = [{k: (r[k] - before[k]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")} for r in readings[1:]]
+    peak = (readings[-1]["VmHWM"] - before["VmRSS"]) * 1024
+    stages = dict(zip(("at_load", "after_forward", "resident"), growth))
+    print(json.dumps({"load_s": seconds, **stages, "peak": peak, "kept": type(kept).__name__}))
+
+
+def _rss_growth(folder: Path, reps: int) -> dict:
+    """Median RSS growth (bytes) of each load, each in ``reps`` fresh subprocesses, interleaved."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in RSS_MODES}
+    for _ in range(reps):
+        for mode, found in runs.items():
+            command = [sys.executable, __file__, "--probe", mode, str(folder)]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            found.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    result = {}
+    for mode, found in runs.items():
+        entry = {
+            f"{stage}_{part}": int(statistics.median(r[stage][key] for r in found))
+            for stage in ("at_load", "after_forward", "resident")
+            for part, key in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile"))
+        }
+        entry["peak"] = int(statistics.median(r["peak"] for r in found))
+        result[mode] = {**entry, "load_s": round(statistics.median(r["load_s"] for r in found), 3)}
+    return result
+
+
+def _predict_latency(models: dict[str, torch.nn.Module], inputs: dict, rounds: int) -> dict:
+    """Median forward seconds of each model on one batch, 2 threads, rounds interleaved (order rotated)."""
+    names, times = list(models), {name: list[float]() for name in models}
+    with torch.no_grad(), intra_op_threads(2):
+        _ = [models[name](**inputs) for name in names]  # warm-up
+        for index in range(rounds):
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                start = time.perf_counter()
+                models[name](**inputs)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(found) for name, found in times.items()}
+
+
+def _bar(value: float, limit: float, rule: str) -> dict:
+    return {"value": round(value, 3), "limit": round(limit, 3), "rule": rule, "met": value <= limit}
+
+
+def packed_serving(module: ClassificationTask, tokenizer, rounds: int, rss_reps: int) -> dict:
+    """Memory and latency of the 3.0-bit artifact served packed and dequantized, and the fp32 model."""
+    batch = sst2_batch(tokenizer, 32, 64)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "3.0"
+        meta = export(module, out, budget=3.0, tokenizer=tokenizer).metadata
+        packed, dense = load(out), load(out, dequantize=True)
+        fp32 = load_classifier(DEFAULT_MODEL, num_labels=2).eval()
+        rss = _rss_growth(out, rss_reps)
+    layers = [m for m in packed.model.modules() if isinstance(m, PackedLoRALinear)]
+    dequantize_s = []
+    with torch.no_grad(), intra_op_threads(2):
+        difference = float((packed.logits(inputs) - dense.logits(inputs)).abs().max())
+        for _ in range(rounds):
+            start = time.perf_counter()
+            _ = [layer.base_weight() for layer in layers]  # forward does one at a time; all here
+            dequantize_s.append(time.perf_counter() - start)
+    models = {"packed": packed.model, "dequantized": dense.model, "fp32": fp32}
+    latency = _predict_latency(models, inputs, rounds)
+    held = {name: _tensor_bytes(model) for name, model in models.items()}
+    weights = meta["sizes"]["weights"]
+    layer_fp32 = max(o * i for o, i in meta["targets"].values()) * 4
+    limit = 1.1 * weights + layer_fp32
+    ratios = {
+        f"{stage}_packed_over_{base}": rss["packed"][f"{stage}_rss"] / rss[base][f"{stage}_rss"]
+        for stage in ("at_load", "after_forward", "resident")
+        for base in ("fp32", "fp32_and_tokenizer")
+    }
+    return {
+        "artifact": "3.0-bit export of this benchmark's untrained CoA-LoRA task (random mapper last layer "
+        "and B: memory and latency do not depend on training), no checkpoint",
+        "avg_bits": round(meta["avg_bits"], 4),
+        "artifact_weight_bytes": weights,
+        "largest_layer_fp32_bytes": layer_fp32,
+        "tensor_bytes": held,
+        "rss_bytes": rss,
+        "rss_ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "predict_batch_threads_rounds": [32, 64, 2, rounds],
+        "predict_median_ms": {name: _ms(seconds) for name, seconds in latency.items()},
+        "dequantize_all_targets_median_ms": _ms(statistics.median(dequantize_s)),
+        "max_abs_logit_difference_packed_vs_dequantized": difference,
+        "bars": {
+            "tensor_bytes": _bar(held["packed"], limit, "over 1.1 x artifact weights + one layer's fp32"),
+            "rss_growth": _bar(
+                ratios["resident_packed_over_fp32"], 0.65, "RSS growth, every tensor read, over fp32's"
+            ),
+            "rss_growth_with_tokenizers": _bar(
+                ratios["resident_packed_over_fp32_and_tokenizer"], 0.65, "the same, fp32 with a tokenizer too"
+            ),
+            "rss_growth_first_forward": _bar(
+                ratios["after_forward_packed_over_fp32"], 0.65, "RSS growth, load + one forward, over fp32's"
+            ),
+            "predict_latency": _bar(
+                latency["packed"] / latency["dequantized"], 2.5, "packed predict over dequantized predict"
+            ),
+        },
+    }
 
 
 def main() -> None:
@@ -166,7 +345,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--serving-rounds", type=int, default=9)
+    parser.add_argument("--rss-reps", type=int, default=2)
+    parser.add_argument("--probe", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        probe(*args.probe)
+        return
     torch.manual_seed(0)
     start = time.perf_counter()
     module = ClassificationTask(
@@ -190,6 +375,7 @@ def main() -> None:
         module.model.space.save(module.eval_configs["3.0"], config_path)
         qlora = _qlora_epoch(config_path, batch, args.steps, args.rank, args.alpha)
     artifacts = _artifacts(module, tokenizer, batch, fp32_bytes)
+    serving = packed_serving(module, tokenizer, args.serving_rounds, args.rss_reps)
     cold_s = latency["cold_ms"]["median"] / 1000
     result = {
         "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg": os.getloadavg()},
@@ -204,6 +390,7 @@ def main() -> None:
         "qlora_epoch_over_cold_adapt": round(qlora["epoch_s"] / cold_s),
         "fp32_model_bytes": fp32_bytes,
         "artifacts": artifacts,
+        "packed_serving": serving,
     }
     write_result("adapt", result)
 

@@ -373,7 +373,7 @@ def mean_loss(module: CoALoRATask, config: QConfig, batches: list[dict]) -> floa
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            size = len(batch["labels"])
+            size = module.batch_size(batch)
             total += float(module.batch_loss(batch, config)) * size
             count += size
     return total / max(count, 1)

@@ -11,6 +11,7 @@ import importlib
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from coalora.errors import CoaloraError
 from coalora.utils import one_line
@@ -32,28 +33,93 @@ class OneLineParser(argparse.ArgumentParser):
         raise CoaloraError(f"{message}; see `{self.prog} --help`")
 
 
-def lightning_main(args: Sequence[str] | None):
-    """LightningCLI over every task (``model.class_path`` picks one) and the GLUE data module.
+def _named_task_path(argv: Sequence[str]) -> str | None:
+    """The ``model.class_path`` that ``argv`` selects: the last ``--model.class_path`` / ``--model`` value,
+    else the last ``--config`` file's ``model.class_path`` (None if neither names one)."""
+    import yaml
 
-    ``args=None`` reads sys.argv. The task's backbone, GLUE task and seed are linked into the data module,
-    so a config names each once.
+    found = None
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if key == "--config" and Path(value).is_file():
+            try:
+                data = yaml.safe_load(Path(value).read_text())
+            except yaml.YAMLError:
+                continue  # LightningCLI reports the broken file
+            model = data.get("model") if isinstance(data, dict) else None
+            if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+                found = model["class_path"]
+        elif key in ("--model.class_path", "--model") and value and not value.endswith((".yaml", ".yml")):
+            found = value
+    return found
+
+
+def task_class_for(argv: Sequence[str]):
+    """The task class a command line selects (ClassificationTask when it names none or an unknown one)."""
+    import coalora.tasks as tasks
+    from coalora.tasks.base import CoALoRATask
+
+    path = _named_task_path(argv)
+    if path is not None:
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name) if module_name else tasks, name)
+        except (ImportError, AttributeError, ValueError):
+            cls = None  # LightningCLI names the bad class_path itself
+        if isinstance(cls, type) and issubclass(cls, CoALoRATask):
+            return cls
+    return tasks.ClassificationTask
+
+
+def _check_checkpoint_task(argv: Sequence[str], task) -> None:
+    """A ``--ckpt_path`` file must be a coalora checkpoint of the selected task, said before any work
+    (LightningCLI would otherwise load its hyperparameters into the wrong task or data module)."""
+    from coalora.tasks.checkpoint import read_checkpoint
+
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key != "--ckpt_path":
+            continue
+        value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+        if value in ("", "last", "best", "hpc", "registry") or not Path(value).is_file():
+            continue  # Lightning's own names, and a missing file, which Lightning reports
+        written_by = read_checkpoint(value)["coalora"].get("task", "classification")
+        if written_by != task.task_type:
+            raise CoaloraError(
+                f"checkpoint '{value}' was written by a '{written_by}' task, not '{task.task_type}' "
+                f"({task.__name__}); pass the config it was trained with"
+            )
+
+
+def lightning_main(args: Sequence[str] | None):
+    """LightningCLI over every task (``model.class_path`` picks one) and that task's data module.
+
+    ``args=None`` reads sys.argv. The task class names its data module (GLUE for classification, text
+    for causal LMs) and the task arguments linked into it (backbone, GLUE task, seed), so a config names
+    each once.
     """
     from lightning.pytorch.cli import LightningCLI
 
-    from coalora.data.glue_datamodule import GLUEDataModule
     from coalora.tasks.base import CoALoRATask
+
+    argv = list(sys.argv[1:] if args is None else args)
+    task = task_class_for(argv)
+    _check_checkpoint_task(argv, task)
+    module_name, _, class_name = task.datamodule_class.rpartition(".")
+    datamodule = getattr(importlib.import_module(module_name), class_name)
 
     class CoaloraCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.init_args.model_name", "data.model_name")
-            parser.link_arguments("model.init_args.task", "data.task")
             # one seed for the run: the search split and shuffling follow the task's seed (two different
             # values would also make Lightning refuse to merge the two hyperparameter sets)
-            parser.link_arguments("model.init_args.seed", "data.seed")
+            for name in task.linked_arguments:
+                parser.link_arguments(f"model.init_args.{name}", f"data.{name}")
 
     return CoaloraCLI(
         CoALoRATask,
-        GLUEDataModule,
+        datamodule,
         subclass_mode_model=True,
         args=None if args is None else list(args),
         save_config_kwargs={"overwrite": True},
@@ -85,6 +151,18 @@ def config_error(message: str) -> str:
     return f"model.{match['key']} must be {expected}, got '{match['value']}'; see `coalora fit --help`"
 
 
+def _wrapped_error(err: BaseException) -> CoaloraError | None:
+    """A CoaloraError that ``err`` was raised while handling (jsonargparse wraps a constructor's error in
+    "Does not validate against any of the Union subtypes")."""
+    seen = 0
+    cause = err.__cause__ or err.__context__
+    while cause is not None and seen < 10:
+        if isinstance(cause, CoaloraError):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -111,6 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"coalora: error: {config_error(one_line(err))}", file=sys.stderr)
         return 2
     except Exception as err:  # jsonargparse raises its own ArgumentError subclass for bad configs
+        ours = _wrapped_error(err)
+        if ours is not None:  # our one-line error, raised by a class jsonargparse was instantiating
+            print(f"coalora: error: {one_line(ours)}", file=sys.stderr)
+            return 2
         if type(err).__name__ in ("ArgumentError", "ParserError"):
             print(f"coalora: error: {config_error(one_line(err))}", file=sys.stderr)
             return 2

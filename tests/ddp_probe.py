@@ -23,7 +23,7 @@ class RecordConfigs(L.Callback):
         self.steps: list[str] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.steps.append(_digest([c for c in pl_module._sample_configs() if c is not None]))
+        self.steps.append(_digest([c for c in pl_module.sample_configs() if c is not None]))
 
     def on_train_end(self, trainer, pl_module) -> None:
         os.makedirs(self.out_dir, exist_ok=True)

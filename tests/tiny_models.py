@@ -40,7 +40,7 @@ def _bpe_tokenizer(kind: str):
 
 
 def tiny_config(kind: str):
-    from transformers import BertConfig, LlamaConfig, RobertaConfig
+    from transformers import BertConfig, LlamaConfig, Qwen2Config, RobertaConfig
 
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     if kind == "bert":
@@ -49,9 +49,30 @@ def tiny_config(kind: str):
         return RobertaConfig(vocab_size=300, max_position_embeddings=130, pad_token_id=1, **common)
     if kind == "llama":
         return LlamaConfig(
-            vocab_size=300, max_position_embeddings=128, num_key_value_heads=2, pad_token_id=1, **common
+            vocab_size=300,
+            max_position_embeddings=128,
+            num_key_value_heads=2,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            **common,
+        )
+    if kind == "qwen2":
+        return Qwen2Config(
+            vocab_size=300,
+            max_position_embeddings=128,
+            num_key_value_heads=2,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            tie_word_embeddings=True,
+            **common,
         )
     raise ValueError(kind)
+
+
+#: tiny causal LMs: (folder name, config kind, tied input/output embeddings)
+CAUSAL_LMS = (("tiny-llama-lm", "llama", False), ("tiny-qwen2-lm", "qwen2", True))
 
 
 def save_tiny_models(root: Path) -> dict[str, Path]:
@@ -72,4 +93,15 @@ def save_tiny_models(root: Path) -> dict[str, Path]:
         )
         tokenizer.save_pretrained(folder)
         paths[kind] = folder
+    from transformers import AutoModelForCausalLM
+
+    for name, kind, tied in CAUSAL_LMS:
+        torch.manual_seed(0)
+        config = tiny_config(kind)
+        config.tie_word_embeddings = tied
+        model = AutoModelForCausalLM.from_config(config)
+        folder = root / name
+        model.save_pretrained(folder)
+        _bpe_tokenizer(kind).save_pretrained(folder)
+        paths[name] = folder
     return paths

@@ -30,8 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help="qconfig file to write (one budget)")
     where.add_argument("--out-dir", default=None, help="folder for one <budget>bits.json per budget")
-    parser.add_argument(
+    fisher = parser.add_mutually_exclusive_group()
+    fisher.add_argument(
         "--fisher-glue-task", default=None, help="weigh errors by a Fisher from this task's text"
+    )
+    fisher.add_argument(
+        "--fisher-text",
+        nargs="+",
+        default=None,
+        help="weigh errors by a Fisher from these text files or folders (.txt, .jsonl, .json.gz): decoders",
     )
     parser.add_argument(
         "--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR or ../shared/data)"
@@ -60,9 +67,17 @@ def _outputs(args: argparse.Namespace) -> list[Path | None]:
 
 
 def _fisher_texts(args: argparse.Namespace) -> list[str] | None:
+    if args.fisher_text is not None:
+        from coalora.data.glue_files import default_glue_dir
+        from coalora.data.text_files import read_documents
+
+        folder = Path(args.glue_dir) if args.glue_dir else default_glue_dir()
+        return read_documents(args.fisher_text, folder)
     if args.fisher_glue_task is None:
         if args.glue_dir is not None:
-            raise CoaloraError("--glue-dir only matters with --fisher-glue-task; add that or drop --glue-dir")
+            raise CoaloraError(
+                "--glue-dir only matters with --fisher-glue-task or --fisher-text; add one or drop --glue-dir"
+            )
         return None
     from coalora.data.glue import get_task
     from coalora.data.glue_files import load_split
@@ -83,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     texts = _fisher_texts(args)
     start = time.perf_counter()
     space, table = model_error_table(args.model, texts, args.codes, args.cache_dir, args.fisher_samples)
-    kind = "plain" if texts is None else f"Fisher ({args.fisher_glue_task})"
+    source = args.fisher_glue_task or (args.fisher_text and ", ".join(args.fisher_text))
+    kind = "plain" if texts is None else f"Fisher ({source})"
     print(
         f"{args.model}: {len(space)} matrices x {len(OPTION_SPACE)} options, {kind} {args.codes} error table "
         f"ready in {time.perf_counter() - start:.1f} s"

@@ -60,19 +60,10 @@ def run(args: argparse.Namespace) -> int:
             "training wrote no last checkpoint; keep ModelCheckpoint (save_last: true) in the config"
         )
     print(f"trained in {fit_seconds / 60:.1f} min; evaluating {last}", flush=True)
-    eval_args = argparse.Namespace(
-        ckpt=[last],
-        budgets=None,
-        qconfig=[],
-        random=args.random,
-        seen=4,
-        out=str(out / "eval"),
-        glue_dir=None,
-        eval_limit=None,
-        batch_size=128,
-        precision="bf16",
-        seed=0,
-    )
+    parser = argparse.ArgumentParser(prog="coalora evaluate")  # evaluate's own defaults: no drift
+    evaluate.add_arguments(parser)
+    flags = ["--ckpt", str(last), "--random", str(args.random), "--seen", "4", "--out", str(out / "eval")]
+    eval_args = parser.parse_args([*flags, "--batch-size", "128", "--precision", "bf16"])
     evaluate.run(eval_args)
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min; results in {out / 'eval'}")
     return 0

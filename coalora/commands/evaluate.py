@@ -34,29 +34,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seen", type=int, default=0, help="N configurations that training steps used")
     parser.add_argument("--out", default=None, help="output folder (default: <first ckpt folder>/eval)")
     parser.add_argument(
-        "--glue-dir", default=None, help="GLUE data folder (default: GLUE_DIR or ../shared/data)"
+        "--glue-dir",
+        "--data-dir",
+        dest="glue_dir",
+        default=None,
+        help="data folder (default: the run's, else GLUE_DIR or ../shared/data)",
     )
-    parser.add_argument("--eval-limit", type=int, default=None, help="use only the first N dev examples")
+    parser.add_argument(
+        "--split",
+        choices=("validate", "test"),
+        default=None,
+        help="GLUE: dev either way (test labels are hidden); LM: default test if the run has test_files",
+    )
+    parser.add_argument("--eval-limit", type=int, default=None, help="use only the first N examples/blocks")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random and --seen")
 
 
-def _dev_loader(module: CoALoRATask, args: argparse.Namespace, data_hparams: dict):
-    from coalora.data.glue_datamodule import GLUEDataModule
-
-    data = GLUEDataModule(
-        task=module.hparams.task,
-        model_name=module.hparams.model_name,
-        glue_dir=args.glue_dir or data_hparams.get("glue_dir"),
-        source=data_hparams.get("source", "auto"),
-        max_length=data_hparams.get("max_length", 128),
-        eval_batch_size=args.batch_size,
-        eval_limit=args.eval_limit,
-        search_size=0,
-    )
-    data.setup("validate")
-    return data.val_dataloader()
+def _eval_loader(module: CoALoRATask, args: argparse.Namespace, data_hparams: dict):
+    """The split to report on, with the training run's data arguments: GLUE dev, or the LM's test text."""
+    overrides = dict(data_hparams, eval_batch_size=args.batch_size, eval_limit=args.eval_limit)
+    if args.glue_dir is not None:
+        overrides.update(glue_dir=args.glue_dir, data_dir=args.glue_dir)
+    overrides.update(search_size=0)  # GLUE: no search split needed to evaluate
+    data = module.data_module(**overrides)
+    split = args.split or ("test" if getattr(data.hparams, "test_files", None) else "validate")
+    data.setup(split)
+    return data.test_dataloader() if split == "test" else data.val_dataloader()
 
 
 def configs_to_evaluate(
@@ -97,12 +102,12 @@ def run(args: argparse.Namespace) -> int:
     for path in args.ckpt:
         module = load_task(path)
         data_hparams = dict(read_checkpoint(path).get("datamodule_hyper_parameters", {}))
-        if task is not None and module.hparams.task != task:
+        if task is not None and module.evaluation_name != task:
             raise CoaloraError(
-                f"checkpoints are for different tasks ({task}, {module.hparams.task}); evaluate separately"
+                f"checkpoints are for different tasks ({task}, {module.evaluation_name}); evaluate separately"
             )
-        task = module.hparams.task
-        loader = _dev_loader(module, args, data_hparams)
+        task = module.evaluation_name
+        loader = _eval_loader(module, args, data_hparams)
         seen = set(module.trained_on)  # configurations a training step used, not the final set
         method = module.method.name
         items = configs_to_evaluate(module, args)
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         for label, kind, config in items:
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                metrics = evaluate_config(module, loader, config, task)
+                metrics = evaluate_config(module, loader, config)
             bits = None if config is None else module.model.space.avg_bits(config)
             results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics))
             print(f"  {run_name} {label}: {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)

@@ -18,7 +18,7 @@ import torch
 
 from coalora.deploy.export import ExportReport, export
 from coalora.deploy.layout import Resolution
-from coalora.deploy.loaded import predict_texts
+from coalora.deploy.loaded import generate_texts, predict_texts
 from coalora.deploy.resolve import resolve_config
 from coalora.errors import CoaloraError
 from coalora.pretrained import load_tokenizer
@@ -117,6 +117,19 @@ class AdaptiveModel:
         device = self.module.model.block_ids.device
         return predict_texts(
             self.logits, self.tokenizer, texts, self.label_names, device, batch_size, max_length
+        )
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
+        """Continuations of ``prompts`` under the live configuration (causal-LM checkpoints; greedy)."""
+        if not self.adapted:
+            raise CoaloraError("choose a configuration first: call adapt(budget or qconfig)")
+        if self.module.task_type != "causal_lm":
+            raise CoaloraError("this checkpoint is a classifier: use predict(texts), not generate")
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.module.hparams.model_name)
+        device = self.module.model.block_ids.device
+        return generate_texts(
+            self.module.model.backbone, self.tokenizer, prompts, device, max_new_tokens, **generate_kwargs
         )
 
     def export(

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from coalora import __version__
-from coalora.data.glue import get_task
 from coalora.deploy.layout import FORMAT, PACKED_FIELDS, Artifact, Resolution, full_precision_state
 from coalora.deploy.sizes import part_sizes
 from coalora.nn.model import head_parameter_names
@@ -62,18 +61,22 @@ def build_artifact(module: CoALoRATask, resolution: Resolution) -> Artifact:
         }
         stages.lap("fold")
     full = full_precision_state(module, quantized=config is not None)
-    hf_config = _labelled_config(model.backbone.config, module.hparams.task)
+    hf_config = _labelled_config(model.backbone.config, _label_names(module))
     artifact = Artifact({}, hf_config, config, packed, adapter, full, timings=stages.laps)
     artifact.metadata = _metadata(module, artifact, resolution)
     return artifact
 
 
-def _labelled_config(config: Any, task: str) -> Any:
+def _label_names(module: CoALoRATask) -> list[str]:
+    """A classifier's label names (none for a causal LM)."""
+    return list(getattr(module, "label_names", []))
+
+
+def _labelled_config(config: Any, names: list[str]) -> Any:
     """A copy of the HF config carrying the task's label names (shown by pipelines and ``predict``)."""
     import copy
 
     config = copy.deepcopy(config)
-    names = get_task(task).label_names
     if names:
         config.id2label = dict(enumerate(names))
         config.label2id = {name: i for i, name in enumerate(names)}
@@ -95,8 +98,9 @@ def _metadata(module: CoALoRATask, artifact: Artifact, resolution: Resolution) -
         "format": FORMAT,
         "coalora_version": __version__,
         "backbone": hp.model_name,
-        "task": hp.task,
-        "label_names": list(get_task(hp.task).label_names),
+        "task": module.evaluation_name,
+        "task_type": module.task_type,
+        "label_names": _label_names(module),
         "method": hp.method,
         "rank": hp.rank,
         "alpha": hp.alpha,

@@ -73,4 +73,12 @@ def full_precision_state(module: CoALoRATask, quantized: bool) -> dict[str, torc
     if quantized:
         skip |= {f"{n}.weight" for n in model.space.names}
     state = model.backbone.state_dict()
-    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items() if k not in skip}
+    kept: dict[str, torch.Tensor] = {}
+    stored: set[int] = set()
+    for key, value in state.items():
+        # a tied tensor (an LM head sharing the embeddings) is stored once; loading re-ties it
+        if key in skip or value.data_ptr() in stored:
+            continue
+        stored.add(value.data_ptr())
+        kept[key] = value.detach().cpu().clone().contiguous()
+    return kept

@@ -4,7 +4,7 @@ The export folder holds ``base/`` (a normal Hugging Face model folder: the dequa
 full-precision rest, the tokenizer) and ``adapter/`` (``adapter_config.json``, ``adapter_model.safetensors``:
 A and the folded B·M per target, the task head via ``modules_to_save``), so plain transformers + peft run it:
 
-    base = AutoModelForSequenceClassification.from_pretrained("out/base")
+    base = AutoModelForSequenceClassification.from_pretrained("out/base")  # AutoModelForCausalLM for LMs
     model = PeftModel.from_pretrained(base, "out/adapter")
 
 The base is stored in full precision (peft has no packed low-bit format), so it is for compatibility, not
@@ -22,7 +22,7 @@ from torch import nn
 
 from coalora.deploy.files import file_inventory, staged_dir
 from coalora.deploy.layout import METADATA_FILE, Artifact
-from coalora.deploy.loaded import plain_model
+from coalora.deploy.loaded import is_causal, plain_model
 from coalora.errors import CoaloraError
 from coalora.nn.model import head_parameter_names
 
@@ -59,16 +59,19 @@ def write_peft(artifact: Artifact, out: str | os.PathLike, tokenizer: Any) -> di
     with staged_dir(out) as tmp:
         base.save_pretrained(tmp / BASE_DIR)
         tokenizer.save_pretrained(tmp / BASE_DIR)
+        causal = is_causal(artifact.metadata)
         config = LoraConfig(
-            task_type="SEQ_CLS",
+            task_type="CAUSAL_LM" if causal else "SEQ_CLS",
             r=rank,
             # peft scales by lora_alpha / r; a float alpha keeps the exact scaling (peft stores it as given)
             lora_alpha=scaling * rank,  # type: ignore[arg-type]
             lora_dropout=0.0,
             bias="none",
             target_modules=names,
-            # peft adds the usual head names ("classifier", "score") for SEQ_CLS itself
-            modules_to_save=[m for m in head_modules(base) if m not in ("classifier", "score")] or None,
+            # a causal LM's head stays frozen (and is not saved); peft adds "classifier"/"score" for SEQ_CLS
+            modules_to_save=None
+            if causal
+            else [m for m in head_modules(base) if m not in ("classifier", "score")] or None,
         )
         model = get_peft_model(base, config)  # wraps in place; the base was saved before
         model.peft_config["default"].base_model_name_or_path = str(tmp / BASE_DIR)  # peft reads it on save

@@ -20,14 +20,32 @@ HYPERVOLUME_KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the evaluation name of causal-LM runs: their metric is perplexity, lower is better
+LANGUAGE_MODELLING = "lm"
+
+
+def reported_metric(task: str) -> str:
+    """The metric runs are compared by: the GLUE task's main metric, or ``ppl`` for language modelling."""
+    return "ppl" if task == LANGUAGE_MODELLING else main_metric(task)
+
+
+def hypervolume_score(task: str, value: float) -> float:
+    """The maximised quantity a hypervolume is over: the metric itself, or 1 / perplexity for LMs.
+
+    1 / ppl is the geometric mean of the probabilities the model gives the true next tokens, in (0, 1]
+    like accuracy, so the hypervolume's reference point (score 0, the most bits) serves both.
+    """
+    return 1.0 / value if task == LANGUAGE_MODELLING else value
+
+
 def summarise(results: list[EvalResult], task: str) -> dict[str, dict]:
     """Per run: the mean main metric at the budget configurations and a hypervolume per kind of point.
 
     ``hypervolume`` is over the budget points only (a QLoRA run's own budget counts as one) and
     ``hypervolume_random`` over the random ones; seen and qconfig points, which differ per run, are in
-    neither.
+    neither. For language modelling the hypervolume is over (1 / ppl, bits): see :func:`hypervolume_score`.
     """
-    key = main_metric(task)
+    key = reported_metric(task)
     summary: dict[str, dict] = {}
     for run in dict.fromkeys(r.run for r in results):
         mine = [r for r in results if r.run == run]
@@ -39,7 +57,9 @@ def summarise(results: list[EvalResult], task: str) -> dict[str, dict]:
         }
         for name, kinds in HYPERVOLUME_KINDS.items():
             points = [
-                (r.metrics[key], r.avg_bits) for r in mine if r.kind in kinds and r.avg_bits is not None
+                (hypervolume_score(task, r.metrics[key]), r.avg_bits)
+                for r in mine
+                if r.kind in kinds and r.avg_bits is not None
             ]
             summary[run][name] = round(hypervolume(points), 4) if points else None
     return summary
@@ -91,7 +111,7 @@ def plot(results: list[EvalResult], task: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = main_metric(task)
+    key = reported_metric(task)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run in enumerate(dict.fromkeys(r.run for r in results)):
         colour = f"C{i % 10}"
@@ -117,10 +137,11 @@ def plot(results: list[EvalResult], task: str, path: Path) -> None:
                 label=f"{run} ({'seen in training' if seen else 'unseen'})",
             )
     ax.set_xlabel("average bits per weight")
-    ax.set_ylabel(key)
+    lower_better = task == LANGUAGE_MODELLING
+    ax.set_ylabel(f"{key} (lower is better)" if lower_better else key)
     ax.set_title(f"{task}: {key} against storage cost")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right" if lower_better else "lower right")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)

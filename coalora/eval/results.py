@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from coalora.data.glue import glue_metrics, predictions_from_logits
 from coalora.quant.qconfig import QConfig
 
 
@@ -30,17 +29,18 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_config(module, loader: Iterable[dict], config: QConfig | None, task: str) -> dict[str, float]:
-    """The task's GLUE metrics and mean loss of ``module`` under ``config`` on ``loader``."""
-    metrics = glue_metrics(task)
+def evaluate_config(module, loader: Iterable[dict], config: QConfig | None) -> dict[str, float]:
+    """The task's own metrics (GLUE's, or perplexity) and mean loss of ``module`` under ``config``."""
+    metrics = module.new_metrics()
     total, count = 0.0, 0
     device = next(module.parameters()).device
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = module(batch, config)
-        total += float(module.loss(logits, batch)) * len(batch["labels"])
-        count += len(batch["labels"])
-        metrics.update(predictions_from_logits(logits, task).cpu(), batch["labels"].cpu())
+        outputs = module(batch, config)
+        size = module.batch_size(batch)
+        total += float(module.loss(outputs, batch)) * size
+        count += size
+        metrics.update(*(t.cpu() for t in module.metric_inputs(outputs, batch)))
     values = {name: float(value) for name, value in metrics.compute().items()}
     values["loss"] = total / max(count, 1)
     return values

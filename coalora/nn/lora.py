@@ -8,14 +8,16 @@ deployment, :meth:`LoRALinear.frozen` builds the same layer around a dequantized
 B·M as its B, so it needs no mapper.
 
 Where the frozen weight comes from is a backend, as in peft's per-backend dispatch: :func:`lora_layer`
-picks the class registered for a backend name in :data:`LAYER_BACKENDS` (``dense``: a full tensor; a
-packed low-bit backend that dequantizes inside ``forward`` registers itself there and overrides
-:meth:`LoRALinear.base_weight`).
+picks the class registered for a backend name in :data:`LAYER_BACKENDS` (``dense``: a full tensor;
+``packed``: :class:`~coalora.nn.packed_lora.PackedLoRALinear`, the low-bit codes dequantized inside
+``forward`` by its override of :meth:`LoRALinear.base_weight`, registered when its module is imported).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -116,14 +118,27 @@ def adjusted(hidden: torch.Tensor, adjustment: torch.Tensor) -> torch.Tensor:
 #: backend name -> layer class; a backend for another weight storage registers its subclass here
 LAYER_BACKENDS: dict[str, type[LoRALinear]] = {"dense": LoRALinear}
 
+#: backends living in their own module (which imports this one, so it cannot be imported here up front):
+#: imported, and so registered, the first time :func:`lora_layer` is asked for them
+_BACKEND_MODULES = {"packed": "coalora.nn.packed_lora"}
+
 
 def lora_layer(
-    base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, backend: str = "dense"
+    base: nn.Linear,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    backend: str = "dense",
+    **options: Any,
 ) -> LoRALinear:
-    """A fresh LoRA layer around ``base`` from the class registered for ``backend``."""
+    """A fresh LoRA layer around ``base`` from the class registered for ``backend``; ``options`` go to
+    that class (``packed`` needs ``option=QuantOption(...)``, the quantization its weight is stored in)."""
     if rank < 1:
         raise CoaloraError(f"LoRA rank must be >= 1, got {rank}")
+    if backend not in LAYER_BACKENDS and backend in _BACKEND_MODULES:
+        importlib.import_module(_BACKEND_MODULES[backend])
     layer_class = LAYER_BACKENDS.get(backend)
     if layer_class is None:
-        raise CoaloraError(f"unknown LoRA layer backend '{backend}'; use one of: {', '.join(LAYER_BACKENDS)}")
-    return layer_class(base, rank, alpha, dropout)
+        known = ", ".join(dict.fromkeys([*LAYER_BACKENDS, *_BACKEND_MODULES]))
+        raise CoaloraError(f"unknown LoRA layer backend '{backend}'; use one of: {known}")
+    return layer_class(base, rank, alpha, dropout, **options)

@@ -65,14 +65,17 @@ class CoALoRAModel(nn.Module):
         mapper_hidden: int = 128,
         code_family: str = "nf",
         cache_bytes: int = 4 << 30,
+        train_head: bool = True,
     ) -> None:
+        """``train_head``: the task head (everything outside the base model) trains; False for causal LMs,
+        whose ``lm_head`` (tied to the embeddings or not) stays frozen like the rest of the backbone."""
         super().__init__()
         targets = discover_targets(backbone)
         self.space = ConfigSpace(targets, model=model_name)
         self.types = module_types(targets)
         backbone.requires_grad_(False)
         inject_lora(backbone, targets, rank, alpha, dropout)
-        for name in head_parameter_names(backbone):
+        for name in head_parameter_names(backbone) if train_head else []:
             backbone.get_parameter(name).requires_grad_(True)
         self.backbone = backbone
         self.layers: list[LoRALinear] = [_lora_at(backbone, t.name) for t in targets]

@@ -135,13 +135,18 @@ def model_error_table(
     cache_dir: str | os.PathLike | None = None,
     fisher_samples: int = 256,
 ) -> tuple[ConfigSpace, torch.Tensor]:
-    """Load the backbone (as a classifier, whose module names the qconfig files use) and its error table."""
-    from coalora.pretrained import load_classifier
+    """Load the backbone and its error table: an encoder as a classifier, a decoder as a causal LM (the
+    module names the qconfig files use are the tasks', and the same for both Auto classes of a decoder)."""
+    from coalora.pretrained import is_decoder, load_causal_lm, load_classifier
     from coalora.quant.targets import discover_targets, target_weights
     from coalora.utils import quiet_transformers
 
     with quiet_transformers():
-        model = load_classifier(model_name, num_labels=2)
+        model = (
+            load_causal_lm(model_name)
+            if is_decoder(model_name)
+            else load_classifier(model_name, num_labels=2)
+        )
     targets = discover_targets(model)
     weights = target_weights(model, targets)
     fisher = None

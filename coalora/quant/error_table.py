@@ -38,7 +38,8 @@ def error_table(
     but ~4x faster: options that differ only in ``bits`` share their dequantized scales and their position
     on one fine bin grid, and each weight's error is the distance to the nearer of its bin's two candidate
     levels, which is the nearest level (a bin holds at most one midpoint) without gathering any code.
-    Option groups (by block size) are the outer loop and all matrices run inside; no Python loop over blocks.
+    Matrices are the outer loop (each on its own device, one padded copy at a time), then option groups by
+    block size; no Python loop over blocks.
     It runs on one thread: these short elementwise ops gain little from a second one, and OpenMP's barriers
     make them many times slower whenever another process holds a core.
     """
@@ -50,14 +51,20 @@ def error_table(
     for k, option in enumerate(options):
         groups.setdefault((option.block, option.scale_bits, option.scale2_dtype, option.block2), []).append(k)
     table = torch.empty(len(names), len(options), dtype=torch.float64)
+    block_sizes = sorted({key[0] for key in groups})
     with intra_op_threads(1), torch.no_grad():  # one thread: see the docstring
-        for block in sorted({key[0] for key in groups}):
-            matrices = [_Blocked.of(weights[n], None if fisher is None else fisher[n], block) for n in names]
-            for key, columns in groups.items():
-                if key[0] == block:
-                    group = [options[k] for k in columns]
-                    for i, matrix in enumerate(matrices):
-                        table[i, columns] = torch.tensor(matrix.errors(group, lookup), dtype=torch.float64)
+        # matrix by matrix on the weight's own device: one padded fp32 copy alive at a time (not the whole
+        # model's, ~26 GB at 7B)
+        for i, name in enumerate(names):
+            weight = weights[name]
+            on_device = lookup.to(weight.device)
+            importance = None if fisher is None else fisher[name].to(weight.device)
+            for block in block_sizes:
+                matrix = _Blocked.of(weight, importance, block)
+                for key, columns in groups.items():
+                    if key[0] == block:
+                        group = [options[k] for k in columns]
+                        table[i, columns] = torch.tensor(matrix.errors(group, on_device), dtype=torch.float64)
     return table
 
 
@@ -75,6 +82,16 @@ class _BinLookup:
         self.half_bins = half_bins
         self.lower = lower
         self.upper = upper
+
+    def to(self, device: torch.device) -> _BinLookup:
+        """The same lookup with its level tables on ``device`` (itself when already there)."""
+        if next(iter(self.lower.values())).device == device:
+            return self
+        return _BinLookup(
+            self.half_bins,
+            {n: t.to(device) for n, t in self.lower.items()},
+            {n: t.to(device) for n, t in self.upper.items()},
+        )
 
     @staticmethod
     def build(family: str, bit_widths: tuple[int, ...]) -> _BinLookup:

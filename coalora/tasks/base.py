@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MetricCollection
 
 from coalora.errors import CoaloraError
 from coalora.nn.model import CoALoRAModel
@@ -32,17 +33,23 @@ from coalora.quant.qconfig import QConfig
 from coalora.quant.targets import target_weights, weights_fingerprint
 from coalora.tasks.configurations import ConfigurationSets
 from coalora.tasks.methods import Method, MethodSpec, method_spec
+from coalora.tasks.metrics import ConfigurationMetrics
 from coalora.utils import budget_label
 
 #: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
 TASK_TYPES: dict[str, type[CoALoRATask]] = {}
 
 
-class CoALoRATask(L.LightningModule, ABC):
+class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
     """Configuration-aware LoRA fine-tuning of a quantized Hugging Face backbone."""
 
     #: the name checkpoints record, so the one checkpoint reader rebuilds the right task
     task_type: ClassVar[str] = ""
+    #: whether the backbone's task head trains with the adapter (a classifier's does; an LM head does not)
+    trains_head: ClassVar[bool] = True
+    #: the LightningDataModule the CLI pairs with this task, and the task arguments linked into it
+    datamodule_class: ClassVar[str] = "coalora.data.glue_datamodule.GLUEDataModule"
+    linked_arguments: ClassVar[tuple[str, ...]] = ("model_name", "seed")
 
     if TYPE_CHECKING:  # Lightning types hparams as a plain mapping; ours are attribute-accessed arguments
 
@@ -121,6 +128,7 @@ class CoALoRATask(L.LightningModule, ABC):
             mapper_hidden=mapper_hidden,
             code_family=code_family,
             cache_bytes=int(quant_cache_gb * (1 << 30)),
+            train_head=self.trains_head,
         )
         weights = target_weights(backbone, self.model.space.targets)
         self.fingerprint = weights_fingerprint(weights)
@@ -144,16 +152,22 @@ class CoALoRATask(L.LightningModule, ABC):
         """The training objective of ``outputs`` (what :meth:`forward` returns) on ``batch``, in fp32."""
 
     @abstractmethod
-    def configure_metrics(self, labels: list[str]) -> None:
-        """Create one set of metrics per evaluation configuration label."""
+    def new_metrics(self) -> MetricCollection:
+        """A fresh set of the task's evaluation metrics (one per evaluation configuration is kept)."""
 
     @abstractmethod
-    def update_metrics(self, label: str, outputs: torch.Tensor, batch: dict) -> None:
-        """Accumulate one evaluation batch into the metrics of configuration ``label``."""
+    def metric_inputs(self, outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(predictions, targets)`` the metrics are updated with, from the model's outputs on ``batch``."""
 
     @abstractmethod
-    def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
-        """The accumulated metrics of configuration ``label`` (and reset them)."""
+    def data_module(self, **overrides: Any) -> L.LightningDataModule:
+        """The task's data module, for ``coalora evaluate``: the training run's data arguments (saved in
+        the checkpoint) with ``overrides``, the model and seed the task's own."""
+
+    @property
+    @abstractmethod
+    def evaluation_name(self) -> str:
+        """What reports call the task (the GLUE task, ``lm``): it picks the reported metric."""
 
     def distillation_loss(self, outputs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """How far ``outputs`` are from the full-precision ``teacher``'s (for ``distill_weight`` > 0)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import coalora.tasks.causal_lm
 import coalora.tasks.classification  # noqa: F401 - registers the task type that old checkpoints imply
 from coalora.errors import CoaloraError
 from coalora.tasks.base import TASK_TYPES, CoALoRATask

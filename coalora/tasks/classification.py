@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -9,8 +10,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from coalora.data.glue import TaskSpec, get_task, glue_metrics, predictions_from_logits
+from coalora.data.glue_datamodule import GLUEDataModule
 from coalora.pretrained import load_classifier
 from coalora.tasks.base import CoALoRATask
+
+#: the GLUE data module's arguments that a checkpoint's saved data arguments may set
+GLUE_ARGUMENTS = frozenset(inspect.signature(GLUEDataModule.__init__).parameters) - {"self"}
 
 
 class ClassificationTask(CoALoRATask):
@@ -21,6 +26,7 @@ class ClassificationTask(CoALoRATask):
     """
 
     task_type = "classification"
+    linked_arguments = ("model_name", "task", "seed")
 
     def __init__(self, task: str = "sst2", **kwargs: Any) -> None:
         """
@@ -53,22 +59,20 @@ class ClassificationTask(CoALoRATask):
             outputs.float().log_softmax(dim=-1), target, log_target=True, reduction="batchmean"
         )
 
-    def configure_metrics(self, labels: list[str]) -> None:
-        self.metrics = nn.ModuleDict({_key(label): glue_metrics(self.hparams.task) for label in labels})
+    def new_metrics(self) -> MetricCollection:
+        return glue_metrics(self.hparams.task)
 
-    def _metrics_at(self, label: str) -> MetricCollection:
-        metrics = self.metrics[_key(label)]
-        assert isinstance(metrics, MetricCollection)
-        return metrics
+    def metric_inputs(self, outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return predictions_from_logits(outputs, self.hparams.task), batch["labels"]
 
-    def update_metrics(self, label: str, outputs: torch.Tensor, batch: dict) -> None:
-        self._metrics_at(label).update(predictions_from_logits(outputs, self.hparams.task), batch["labels"])
+    def data_module(self, **overrides: Any) -> GLUEDataModule:
+        hp = self.hparams
+        known = {k: v for k, v in overrides.items() if k in GLUE_ARGUMENTS}
+        return GLUEDataModule(**{**known, "task": hp.task, "model_name": hp.model_name, "seed": hp.seed})
 
-    def compute_metrics(self, label: str) -> dict[str, torch.Tensor]:
-        metrics = self._metrics_at(label)
-        values = metrics.compute()
-        metrics.reset()
-        return values
+    @property
+    def evaluation_name(self) -> str:
+        return self.hparams.task
 
     @property
     def main_metric(self) -> str:
@@ -77,8 +81,3 @@ class ClassificationTask(CoALoRATask):
     @property
     def label_names(self) -> list[str]:
         return list(self.spec.label_names)
-
-
-def _key(label: str) -> str:
-    """A ModuleDict key for a configuration label (no dots allowed there)."""
-    return "at_" + label.replace(".", "_")

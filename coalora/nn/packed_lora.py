@@ -1,0 +1,175 @@
+"""The packed LoRA backend: serve a target matrix from its low-bit codes, not from a dequantized copy.
+
+A dequantized fp32 target costs 32 bits per weight; its packed form costs ``option.storage_bits`` (3 bits
+and a little for a 3-bit configuration). :class:`PackedLoRALinear` keeps the :class:`PackedTensor`'s parts
+(bit-packed codes, bit-packed first-level scale codes, second-level scales, offset) as buffers and
+dequantizes them inside ``forward``, so a full-size weight exists only while one layer runs and the model
+at rest holds about what the artifact holds. The folded adapter (A, B·M) stays the separate low-rank path
+of :class:`LoRALinear`, so the computation is the dense deployment layer's, bit for bit: the transient
+weight is :meth:`PackedTensor.dequantize`'s, whatever speed-ups that gets.
+
+Registered as the ``packed`` backend of :data:`~coalora.nn.lora.LAYER_BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from coalora.errors import CoaloraError
+from coalora.nn.lora import LAYER_BACKENDS, LoRALinear
+from coalora.quant.options import QuantOption
+from coalora.quant.quantizer import PackedTensor, quantize
+
+#: buffers whose dtype is part of the quantized format: a model-wide ``.to(dtype)``/``.half()`` must not
+#: cast them (bf16 second-level scales rounded to fp16 would change every dequantized weight)
+_EXACT_DTYPE = ("scale2", "offset")
+
+
+class PackedLoRALinear(LoRALinear):
+    """A LoRA layer over a packed low-bit weight: buffers ``codes``, ``scale_codes``, ``scale2`` and
+    ``offset`` (the artifact's names and dtypes), parameters ``bias``, ``lora_A`` and ``lora_B``.
+
+    There is no stored ``weight``: :meth:`base_weight` (and the read-only ``weight`` property, for code
+    that inspects a linear layer's weight) dequantize a transient copy each time they are called.
+    """
+
+    codes: torch.Tensor
+    scale_codes: torch.Tensor
+    scale2: torch.Tensor
+    offset: torch.Tensor
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        *,
+        option: QuantOption | None = None,
+        family: str = "nf",
+    ) -> None:
+        """A fresh adapter (A Kaiming-uniform, B zero, as :class:`LoRALinear`) over ``base``'s weight
+        quantized under ``option``; what ``lora_layer(..., backend="packed", option=...)`` builds."""
+        if option is None:
+            raise CoaloraError(
+                "the packed LoRA backend stores a quantized weight: pass option=QuantOption(...) "
+                "(or build a deployment layer with PackedLoRALinear.from_packed)"
+            )
+        with torch.no_grad():
+            packed = quantize(base.weight, option, family)
+        dtype = base.weight.dtype
+        lora_A = torch.empty(rank, base.in_features, dtype=dtype, device=base.weight.device)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        lora_B = torch.zeros(base.out_features, rank, dtype=dtype, device=base.weight.device)
+        bias = None if base.bias is None else base.bias.detach().clone()  # on a copy, as LoRALinear
+        self.init_packed(packed, bias, lora_A, lora_B, alpha / rank, dtype, trainable=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @classmethod
+    def from_packed(
+        cls,
+        packed: PackedTensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype = torch.float32,
+    ) -> PackedLoRALinear:
+        """A deployment layer, the packed twin of :meth:`LoRALinear.frozen`: ``packed``'s tensors are
+        held as they are (not copied), the adapter (B already B·M) is fixed. ``dtype`` is the dense
+        layer's weight dtype (the model's): the adapter is cast to it and so is each transient weight."""
+        if len(packed.shape) != 2:
+            raise CoaloraError(f"a packed linear weight must be 2-D, got shape {packed.shape}")
+        layer = cls.__new__(cls)
+        layer.init_packed(packed, bias, lora_A, lora_B, scaling, dtype, trainable=False)
+        return layer
+
+    def init_packed(
+        self,
+        packed: PackedTensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scaling: float,
+        dtype: torch.dtype,
+        trainable: bool,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = packed.shape
+        if lora_A.shape[1] != self.in_features or lora_B.shape != (self.out_features, lora_A.shape[0]):
+            raise CoaloraError(
+                f"adapter shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)} do not fit a "
+                f"{self.out_features}x{self.in_features} weight"
+            )
+        self.option, self.family = packed.option, packed.family
+        for name in ("codes", "scale_codes", "scale2", "offset"):
+            self.register_buffer(name, getattr(packed, name))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)  # type: ignore[assignment]
+        self.rank = int(lora_A.shape[0])
+        self.scaling = scaling
+        self.lora_A = nn.Parameter(lora_A.detach().to(dtype), requires_grad=trainable)
+        self.lora_B = nn.Parameter(lora_B.detach().to(dtype), requires_grad=trainable)
+        self.dropout = nn.Identity()
+        self.active_weight = None
+        self.adjustment = None
+
+    def packed(self) -> PackedTensor:
+        """The held parts as a :class:`PackedTensor` (a view: nothing is copied)."""
+        return PackedTensor(
+            shape=(self.out_features, self.in_features),
+            option=self.option,
+            family=self.family,
+            codes=self.codes,
+            scale_codes=self.scale_codes,
+            scale2=self.scale2,
+            offset=self.offset,
+        )
+
+    def base_weight(self) -> torch.Tensor:
+        """The active dequantized weight if training set one, else a transient dequantization of the
+        packed parts (equal, bit for bit, to the dense path's weight), in the adapter's dtype."""
+        if self.active_weight is not None:
+            return self.active_weight
+        return self.packed().dequantize().to(self.lora_A.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """A transient dequantized weight (not stored: each read dequantizes again)."""
+        return self.base_weight()
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes of the packed parts this layer holds (what replaces 4 bytes per weight)."""
+        return self.packed().nbytes
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedLoRALinear:
+        """Device moves reach every buffer; dtype casts skip the second-level scales and the offset.
+
+        They travel as raw bytes (uint8 is never cast by ``.to(dtype)``, ``.half()`` or ``.float()``)
+        and are viewed back in their own dtype afterwards.
+        """
+        kept = {name: getattr(self, name) for name in _EXACT_DTYPE}
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.reshape(-1).contiguous().view(torch.uint8)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in kept.items():
+                moved = self._buffers[name]
+                assert moved is not None
+                self._buffers[name] = moved.view(tensor.dtype).reshape(tensor.shape)
+        return self
+
+    def extra_repr(self) -> str:
+        option = self.option
+        return (
+            f"{super().extra_repr()}, packed={option.bits}-bit {self.family} "
+            f"(scales {option.scale_bits}-bit/{option.block}, {option.scale2_dtype}/{option.block2})"
+        )
+
+
+LAYER_BACKENDS["packed"] = PackedLoRALinear
