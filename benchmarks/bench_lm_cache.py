@@ -32,14 +32,15 @@ def make_task(model: str, cache_gb: float) -> CausalLMTask:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(REPO / "runs" / "tiny-llama-sst2"))
+    parser.add_argument("--model", default="runs/tiny-llama-sst2", help="relative to the repository")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    unbounded = make_task(args.model, 4.0)
+    model = str(REPO / args.model) if not Path(args.model).is_absolute() else args.model
+    unbounded = make_task(model, 4.0)
     one_config_gb = 4 * unbounded.model.space.total_numel / 2**30  # fp32 dequantized targets, one config
-    tasks = {"unbounded": unbounded, "one_configuration": make_task(args.model, one_config_gb)}
+    tasks = {"unbounded": unbounded, "one_configuration": make_task(model, one_config_gb)}
     ids = torch.randint(5, 4000, (8, 128))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     optimizers = {k: t.configure_optimizers() for k, t in tasks.items()}
