@@ -192,7 +192,7 @@ def _status_kb() -> dict[str, int]:
 
 #: loads measured in fresh subprocesses: the artifact packed and dequantized (with its tokenizer, as
 #: ``coalora.load`` reads it) and ``from_pretrained`` of the fp32 model, alone and with a tokenizer
-RSS_MODES = ("packed", "dequantized", "fp32", "fp32_and_tokenizer")
+RSS_MODES = ("packed", "packed_fp16_embeddings", "dequantized", "fp32", "fp32_and_tokenizer")
 
 
 def probe(mode: str, folder: str) -> None:
@@ -242,12 +242,13 @@ def probe(mode: str, folder: str) -> None:
     print(json.dumps({"load_s": seconds, **stages, "peak": peak, "kept": type(kept).__name__}))
 
 
-def _rss_growth(folder: Path, reps: int) -> dict:
-    """Median RSS growth (bytes) of each load, each in ``reps`` fresh subprocesses, interleaved."""
+def _rss_growth(folders: dict[str, Path], reps: int) -> dict:
+    """Median RSS growth (bytes) of each load, each in ``reps`` fresh subprocesses, interleaved;
+    ``folders``: the artifact each mode loads (the fp32 modes read only its tokenizer)."""
     runs: dict[str, list[dict]] = {mode: [] for mode in RSS_MODES}
     for _ in range(reps):
         for mode, found in runs.items():
-            command = [sys.executable, __file__, "--probe", mode, str(folder)]
+            command = [sys.executable, __file__, "--probe", mode, str(folders[mode])]
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             found.append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {}
@@ -284,29 +285,40 @@ def packed_serving(module: ClassificationTask, tokenizer, rounds: int, rss_reps:
     batch = sst2_batch(tokenizer, 32, 64)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "3.0"
+        out, narrow = Path(tmp) / "3.0", Path(tmp) / "3.0-fp16-embeddings"
         meta = export(module, out, budget=3.0, tokenizer=tokenizer).metadata
-        packed, dense = load(out), load(out, dequantize=True)
+        narrow_meta = export(
+            module, narrow, budget=3.0, tokenizer=tokenizer, embedding_dtype="float16"
+        ).metadata
+        packed, dense, packed_fp16 = load(out), load(out, dequantize=True), load(narrow)
         fp32 = load_classifier(DEFAULT_MODEL, num_labels=2).eval()
-        rss = _rss_growth(out, rss_reps)
+        folders = dict.fromkeys(RSS_MODES, out) | {"packed_fp16_embeddings": narrow}
+        rss = _rss_growth(folders, rss_reps)
     layers = [m for m in packed.model.modules() if isinstance(m, PackedLoRALinear)]
     dequantize_s = []
     with torch.no_grad(), intra_op_threads(2):
         difference = float((packed.logits(inputs) - dense.logits(inputs)).abs().max())
+        fp16_difference = float((packed_fp16.logits(inputs) - packed.logits(inputs)).abs().max())
         for _ in range(rounds):
             start = time.perf_counter()
             _ = [layer.base_weight() for layer in layers]  # forward does one at a time; all here
             dequantize_s.append(time.perf_counter() - start)
-    models = {"packed": packed.model, "dequantized": dense.model, "fp32": fp32}
+    models = {
+        "packed": packed.model,
+        "packed_fp16_embeddings": packed_fp16.model,
+        "dequantized": dense.model,
+        "fp32": fp32,
+    }
     latency = _predict_latency(models, inputs, rounds)
     held = {name: _tensor_bytes(model) for name, model in models.items()}
     weights = meta["sizes"]["weights"]
     layer_fp32 = max(o * i for o, i in meta["targets"].values()) * 4
     limit = 1.1 * weights + layer_fp32
     ratios = {
-        f"{stage}_packed_over_{base}": rss["packed"][f"{stage}_rss"] / rss[base][f"{stage}_rss"]
+        f"{stage}_{mode}_over_{base}": rss[mode][f"{stage}_rss"] / rss[base][f"{stage}_rss"]
         for stage in ("at_load", "after_forward", "resident")
         for base in ("fp32", "fp32_and_tokenizer")
+        for mode in ("packed", "packed_fp16_embeddings")
     }
     return {
         "artifact": "3.0-bit export of this benchmark's untrained CoA-LoRA task (random mapper last layer "
@@ -321,6 +333,8 @@ def packed_serving(module: ClassificationTask, tokenizer, rounds: int, rss_reps:
         "predict_median_ms": {name: _ms(seconds) for name, seconds in latency.items()},
         "dequantize_all_targets_median_ms": _ms(statistics.median(dequantize_s)),
         "max_abs_logit_difference_packed_vs_dequantized": difference,
+        "artifact_weight_bytes_fp16_embeddings": narrow_meta["sizes"]["weights"],
+        "max_abs_logit_difference_fp16_vs_fp32_embeddings": fp16_difference,
         "bars": {
             "tensor_bytes": _bar(held["packed"], limit, "over 1.1 x artifact weights + one layer's fp32"),
             "rss_growth": _bar(
@@ -331,6 +345,16 @@ def packed_serving(module: ClassificationTask, tokenizer, rounds: int, rss_reps:
             ),
             "rss_growth_first_forward": _bar(
                 ratios["after_forward_packed_over_fp32"], 0.65, "RSS growth, load + one forward, over fp32's"
+            ),
+            "rss_growth_fp16_embeddings": _bar(
+                ratios["resident_packed_fp16_embeddings_over_fp32"],
+                0.4,
+                "RSS growth, fp16 embeddings, every tensor read, over fp32's",
+            ),
+            "rss_growth_fp16_embeddings_with_tokenizers": _bar(
+                ratios["resident_packed_fp16_embeddings_over_fp32_and_tokenizer"],
+                0.4,
+                "the same, fp32 with a tokenizer too",
             ),
             "predict_latency": _bar(
                 latency["packed"] / latency["dequantized"], 2.5, "packed predict over dequantized predict"

@@ -28,11 +28,18 @@ from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
 from coalora.tasks.classification import ClassificationTask
 
 
-def train_step(module: ClassificationTask, optimizer, batch: dict, configs: list) -> float:
-    """One optimiser step over the mean loss of ``configs``; returns its wall time."""
+def train_step(
+    module: ClassificationTask, optimizer, batch: dict, configs: list, per_config: bool = True
+) -> float:
+    """One optimiser step over the mean loss of ``configs``; returns its wall time. ``per_config``: one
+    backward per configuration, as the task trains by default (``backward_per_config``); else one
+    backward of the summed losses (all graphs alive, the behaviour before issue #13)."""
     start = time.perf_counter()
-    loss = sum(module.batch_loss(batch, c) for c in configs) / len(configs)
-    loss.backward()
+    if per_config:
+        for config in configs:
+            (module.batch_loss(batch, config) / len(configs)).backward()
+    else:
+        (sum(module.batch_loss(batch, c) for c in configs) / len(configs)).backward()
     torch.nn.utils.clip_grad_norm_(module.model.trainable_parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

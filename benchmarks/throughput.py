@@ -2,8 +2,9 @@
 
 Everything is measured side by side in one run, and reported as ratios, because this machine is shared:
 
-- step time: the four methods' optimiser steps interleaved (fp, QLoRA, K=1, K=2, fp, ...) on one SST-2
-  batch; medians. Ratios: QLoRA / fp, CoA-LoRA K=1 / QLoRA, K=2 / (2 × QLoRA).
+- step time: the methods' optimiser steps interleaved (fp, QLoRA, K=1, K=2, K=2 summed, fp, ...) on one
+  SST-2 batch; medians. Ratios: QLoRA / fp, CoA-LoRA K=1 / QLoRA, K=2 / (2 × QLoRA), and K=2 with one
+  backward per configuration (the default) / K=2 with one backward of the summed losses (issue #13).
 - memory: each method in a fresh subprocess, one after another. ``resident_mb`` is the process once the
   module is built and its quantized-weight cache is warm (libraries, weights, cache); ``step_peak_mb`` is
   the highest RSS over the following steps (Linux VmHWM, reset with /proc/self/clear_refs just before
@@ -49,12 +50,13 @@ from coalora.tasks.classification import ClassificationTask
 
 PROC_SELF = Path("/proc/self")  # the kernel's view of this process (Linux): RSS and its resettable peak
 
-# name -> (method, configurations per step)
-RUNS: dict[str, tuple[str, int]] = {
-    "fp": ("fp", 1),
-    "qlora": ("qlora", 1),
-    "coalora_k1": ("coalora", 1),
-    "coalora_k2": ("coalora", 2),
+# name -> (method, configurations per step, one backward per configuration)
+RUNS: dict[str, tuple[str, int, bool]] = {
+    "fp": ("fp", 1, True),
+    "qlora": ("qlora", 1, True),
+    "coalora_k1": ("coalora", 1, True),
+    "coalora_k2": ("coalora", 2, True),
+    "coalora_k2_summed": ("coalora", 2, False),  # one backward of the summed losses (before issue #13)
 }
 
 
@@ -81,7 +83,7 @@ def _rss_mb(field: str) -> float:
 
 def memory_of(name: str, args: argparse.Namespace) -> dict:
     """Peak memory of one method's training steps, measured in this (fresh) process."""
-    method, k = RUNS[name]
+    method, k, per_config = RUNS[name]
     torch.manual_seed(0)
     module = build(method, args.rank)
     batch = sst2_batch(load_tokenizer(DEFAULT_MODEL), args.batch_size, args.length)
@@ -94,7 +96,7 @@ def memory_of(name: str, args: argparse.Namespace) -> dict:
         resident = _rss_mb("VmRSS")
         (PROC_SELF / "clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
         for _ in range(args.memory_steps):  # the first step also creates the optimiser state
-            train_step(module, optimizer, batch, step_configs(module, k, generator))
+            train_step(module, optimizer, batch, step_configs(module, k, generator), per_config)
         peak = _rss_mb("VmHWM")
     return {
         "resident_mb": round(resident, 1),
@@ -130,9 +132,10 @@ def step_times(args: argparse.Namespace, batch: dict) -> tuple[dict[str, float],
         for config in modules["coalora"].train_configs:  # warm the quantized-weight cache
             modules["coalora"].model.set_config(config)
         for step in range(args.steps + 1):  # step 0 is an untimed warm-up
-            for name, (method, k) in RUNS.items():
+            for name, (method, k, per_config) in RUNS.items():
                 module = modules[method]
-                seconds = train_step(module, optimizers[method], batch, step_configs(module, k, generator))
+                configs = step_configs(module, k, generator)
+                seconds = train_step(module, optimizers[method], batch, configs, per_config)
                 if step:
                     times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}, modules["coalora"]
@@ -201,8 +204,14 @@ def main() -> None:
             "coalora_k1_to_qlora": round(median["coalora_k1"] / median["qlora"], 3),
             "coalora_k2_to_2x_qlora": round(median["coalora_k2"] / (2 * median["qlora"]), 3),
             "coalora_k2_to_fp": round(median["coalora_k2"] / median["fp"], 3),
+            "coalora_k2_to_k2_summed": round(median["coalora_k2"] / median["coalora_k2_summed"], 3),
         },
         "memory": memory,
+        "k2_step_peak_to_k1": round(
+            memory["coalora_k2"]["step_peak_over_resident_mb"]
+            / memory["coalora_k1"]["step_peak_over_resident_mb"],
+            3,
+        ),
         "memory_ratios": {
             name: round(memory[name]["step_peak_mb"] / memory["qlora"]["step_peak_mb"], 3) for name in RUNS
         },

@@ -73,42 +73,35 @@ def task_class_for(argv: Sequence[str]):
     return tasks.ClassificationTask
 
 
-def _check_checkpoint_task(argv: Sequence[str], task) -> None:
-    """A ``--ckpt_path`` file must be a coalora checkpoint of the selected task, said before any work
-    (LightningCLI would otherwise load its hyperparameters into the wrong task or data module)."""
-    from coalora.tasks.checkpoint import read_checkpoint
-
-    for i, arg in enumerate(argv):
-        key, _, value = arg.partition("=")
-        if key != "--ckpt_path":
-            continue
-        value = value or (argv[i + 1] if i + 1 < len(argv) else "")
-        if value in ("", "last", "best", "hpc", "registry") or not Path(value).is_file():
-            continue  # Lightning's own names, and a missing file, which Lightning reports
-        written_by = read_checkpoint(value)["coalora"].get("task", "classification")
-        if written_by != task.task_type:
-            raise CoaloraError(
-                f"checkpoint '{value}' was written by a '{written_by}' task, not '{task.task_type}' "
-                f"({task.__name__}); pass the config it was trained with"
-            )
-
-
 def lightning_main(args: Sequence[str] | None):
     """LightningCLI over every task (``model.class_path`` picks one) and that task's data module.
 
     ``args=None`` reads sys.argv. The task class names its data module (GLUE for classification, text
     for causal LMs) and the task arguments linked into it (backbone, GLUE task, seed), so a config names
-    each once.
+    each once. Before any work the parsed config is checked (:mod:`coalora.commands.runs`): trainer
+    numbers, output folders, and the ``--ckpt_path`` file (read weights-only: a coalora checkpoint of this
+    task and, once the task is built, of this backbone); ``--ckpt_path last`` means the newest last.ckpt
+    under the run's folders.
     """
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from coalora.commands import runs
     from coalora.tasks.base import CoALoRATask
+    from coalora.tasks.checkpoint import check_backbone_of, check_task_of, read_checkpoint
+    from coalora.tasks.validation import check_trainable
 
     argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "predict":
+        raise CoaloraError(
+            "`coalora predict` is not supported; use `coalora evaluate --ckpt FILE` or "
+            "AdaptiveModel.from_checkpoint(FILE).predict(texts)"
+        )
     task = task_class_for(argv)
-    _check_checkpoint_task(argv, task)
     module_name, _, class_name = task.datamodule_class.rpartition(".")
     datamodule = getattr(importlib.import_module(module_name), class_name)
+    state: dict = {}
 
     class CoaloraCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -117,14 +110,76 @@ def lightning_main(args: Sequence[str] | None):
             for name in task.linked_arguments:
                 parser.link_arguments(f"model.init_args.{name}", f"data.{name}")
 
-    return CoaloraCLI(
-        CoALoRATask,
-        datamodule,
-        subclass_mode_model=True,
-        args=None if args is None else list(args),
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
-    )
+        def _parse_ckpt_path(self) -> None:
+            """Check the parsed config before LightningCLI reads the checkpoint's hyperparameters into it
+            (its own read gives a traceback on a bad file) and before anything is instantiated."""
+            config = self.config[self.config.subcommand]
+            if config.get("weights_only") is False:
+                raise CoaloraError(
+                    "--weights_only false is refused: checkpoints are always read weights-only, so a file "
+                    "from elsewhere cannot run code; drop the option"
+                )
+            trainer = config.trainer.as_dict()
+            runs.check_trainer(trainer)
+            roots = runs.check_outputs(trainer)
+            ckpt = config.get("ckpt_path")
+            if ckpt == "last":
+                ckpt = config.ckpt_path = str(runs.find_last(roots))
+            if ckpt and ckpt not in runs.LIGHTNING_NAMES:
+                checkpoint = read_checkpoint(ckpt)
+                check_task_of(checkpoint, ckpt, task)
+                state["checkpoint"] = (ckpt, checkpoint)
+            if "weights_only" in config:
+                config.weights_only = True
+            super()._parse_ckpt_path()
+
+        def _before_run(self, stage: str) -> None:
+            """Checks that need the built task and data: the checkpoint's backbone, and the data files
+            (read now, which the Trainer would do after creating the run folder; setup is idempotent)."""
+            if "checkpoint" in state:
+                check_backbone_of(state["checkpoint"][1], state["checkpoint"][0], self.model)
+                del state["checkpoint"]  # the file is read again by Lightning; keep one copy in memory
+            for callback in self.trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback.save_on_exception = True  # Ctrl-C / SIGTERM leave a resumable checkpoint
+            if stage == "fit":
+                check_trainable(self.model)
+            self.datamodule.prepare_data()
+            self.datamodule.setup(stage)
+            state["trainer"] = self.trainer
+            state["folder"] = runs.RunFolder(self.trainer.log_dir or self.trainer.default_root_dir)
+            held.release()  # the inputs are good: Lightning's messages (seed, devices) may show now
+
+        def before_fit(self) -> None:
+            self._before_run("fit")
+
+        def before_validate(self) -> None:
+            self._before_run("validate")
+
+        def before_test(self) -> None:
+            self._before_run("test")
+
+    held = runs.HeldLogs()
+    try:
+        return CoaloraCLI(
+            CoALoRATask,
+            datamodule,
+            subclass_mode_model=True,
+            args=None if args is None else list(args),
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
+        )
+    except SystemExit as stop:  # Lightning ends an interrupted fit with SystemExit (or SIGTERMException)
+        trainer = state.get("trainer")
+        if trainer is None or not trainer.interrupted:
+            raise
+        raise runs.interrupted(trainer, argv, isinstance(stop, SIGTERMException)) from None
+    except Exception as err:
+        if "folder" in state and (isinstance(err, CoaloraError) or _wrapped_error(err) is not None):
+            state["folder"].remove()  # refused before training: leave no run folder behind
+        raise
+    finally:
+        held.drop()
 
 
 #: jsonargparse's report of a bad value inside the chosen task class, nested in its Union report
@@ -163,6 +218,11 @@ def _wrapped_error(err: BaseException) -> CoaloraError | None:
     return None
 
 
+def _with_fix(message: str, command: str) -> str:
+    """Every error line says how to go on: a message without a fix of its own points to ``--help``."""
+    return message if ";" in message else f"{message}; see `coalora {command} --help`"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -185,16 +245,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(module.run(args) or 0)
         lightning_main(None if from_command_line else argv)
         return 0
-    except (CoaloraError, argparse.ArgumentError) as err:
-        print(f"coalora: error: {config_error(one_line(err))}", file=sys.stderr)
+    except KeyboardInterrupt:  # outside training (Lightning handles it there): nothing half-written
+        print(f"coalora: {argv[0]} interrupted; nothing was written, run it again", file=sys.stderr)
+        return 130
+    except CoaloraError as err:
+        exit_code = getattr(err, "exit_code", 2)  # TrainingInterrupted: 130 (Ctrl-C) or 143 (SIGTERM)
+        line = _with_fix(config_error(one_line(err)), argv[0])
+        print(f"coalora: {'' if exit_code != 2 else 'error: '}{line}", file=sys.stderr)
+        return exit_code
+    except argparse.ArgumentError as err:
+        print(f"coalora: error: {_with_fix(config_error(one_line(err)), argv[0])}", file=sys.stderr)
         return 2
     except Exception as err:  # jsonargparse raises its own ArgumentError subclass for bad configs
         ours = _wrapped_error(err)
         if ours is not None:  # our one-line error, raised by a class jsonargparse was instantiating
-            print(f"coalora: error: {one_line(ours)}", file=sys.stderr)
+            print(f"coalora: error: {_with_fix(one_line(ours), argv[0])}", file=sys.stderr)
             return 2
-        if type(err).__name__ in ("ArgumentError", "ParserError"):
-            print(f"coalora: error: {config_error(one_line(err))}", file=sys.stderr)
+        if type(err).__name__ in ("ArgumentError", "ParserError", "MisconfigurationException"):
+            print(f"coalora: error: {_with_fix(config_error(one_line(err)), argv[0])}", file=sys.stderr)
             return 2
         raise
 

@@ -246,24 +246,28 @@ def test_a_classifier_checkpoint_is_refused_by_the_causal_task(tiny_models_dir, 
     assert len(error) == 1 and "classification" in error[0] and "Traceback" not in err
 
 
-def test_gradient_checkpointing_gives_the_same_gradients_and_refuses_k_above_one(tiny_models_dir):
+def test_gradient_checkpointing_gives_the_same_gradients_at_k_2(tiny_models_dir):
+    """Each configuration's backward runs while its own weights are active, so the blocks recomputed
+    by checkpointing see them; one backward of the summed losses would not, and is refused."""
     model = tiny_models_dir / "tiny-llama-lm"
     ids = torch.randint(3, 300, (2, 16))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        task = _task(model, configs_per_step=1, gradient_checkpointing=checkpointing).train()
+        task = _task(model, configs_per_step=2, gradient_checkpointing=checkpointing).train()
         backbone = task.model.backbone
         assert (
             getattr(backbone, "is_activation_checkpointing", backbone.is_gradient_checkpointing)
             == checkpointing
         )
-        task.batch_loss(batch, task.train_configs[1]).backward()
+        configs = task.sample_configs()
+        assert len(configs) == 2 and configs[0].matrices != configs[1].matrices
+        task.training_step(batch, 0).backward()
         grads.append(torch.cat([p.grad.flatten() for p in task.model.trainable_parameters()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
-    with pytest.raises(CoaloraError, match="configs_per_step: 1"):
-        _task(model, configs_per_step=2, gradient_checkpointing=True)
+    with pytest.raises(CoaloraError, match="backward_per_config: true"):
+        _task(model, configs_per_step=2, gradient_checkpointing=True, backward_per_config=False)
 
 
 LM_CONFIGS = ["configs/wikitext_llama_cpu.yaml", "configs/c4_qwen2_5_1_5b.yaml", "configs/c4_llama2_7b.yaml"]

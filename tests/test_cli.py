@@ -135,6 +135,10 @@ def test_two_process_cpu_ddp_trains_every_rank_on_the_same_configurations(
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["train_set"] == ranks[1]["train_set"]
     assert ranks[0]["steps"] == ranks[1]["steps"] and len(ranks[0]["steps"]) >= 2
+    # K = 2 backward passes a step, one gradient all-reduce (the tiny adapter is one bucket), and the
+    # ranks end with the same parameters
+    assert ranks[0]["allreduces"] == ranks[0]["optimizer_steps"] == len(ranks[0]["steps"])
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
 
 
 def test_evaluate_writes_table_json_csv_and_plot(tiny_models_dir, glue_dir, tmp_path, capsys):

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from coalora.data.batching import PadCollator, split_search
+from coalora.data.batching import EpochShuffler, PadCollator, split_search
 from coalora.data.glue_datamodule import GLUEDataModule
 from coalora.errors import CoaloraError
 
@@ -243,3 +243,49 @@ def test_hyperparameters_and_cli_parsing() -> None:
     module = GLUEDataModule(**config.data.as_dict())
     assert module.hparams["task"] == "rte" and module.hparams["train_limit"] == 10
     assert module.hparams["search_size"] == 256
+
+
+def test_epoch_shuffler_skips_once_and_only_in_its_epoch() -> None:
+    sampler = EpochShuffler(range(10), seed=3)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    sampler.skip = 4
+    assert list(sampler) == order[4:] and list(sampler) == order  # the skip is for one pass
+    sampler.skip = 4
+    sampler.set_epoch(2)  # a skip set for epoch 1 does not apply to epoch 2
+    assert len(list(sampler)) == 10
+
+
+@pytest.mark.parametrize("step", [2, 4, 6])
+def test_a_run_resumed_mid_epoch_continues_the_epochs_batches(
+    step: int, glue_dir: Path, tmp_path: Path
+) -> None:
+    """A step checkpoint mid-epoch (2, 6) or at an epoch's last batch (4): the resumed run trains on the
+    batches the uninterrupted run trained on next, not on the epoch's first batches again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root: Path, ckpt: str | None = None, saver: ModelCheckpoint | None = None):
+        module = _BatchRecorder()
+        data = GLUEDataModule(
+            glue_dir=str(glue_dir), train_file="sst2/sentence/stsa.binary.train", search_size=16, batch_size=8
+        )
+        L.Trainer(
+            max_epochs=2,
+            limit_train_batches=4,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=saver is not None,
+            callbacks=[saver] if saver else [],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(root),
+        ).fit(module, data, ckpt_path=ckpt)
+        return [batch for epoch in sorted(module.seen) for batch in module.seen[epoch]]
+
+    saver = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
+    )
+    straight = fit(tmp_path / "a", saver=saver)
+    assert len(straight) == 8 and straight[:4] != straight[4:]
+    resumed = fit(tmp_path / "b", ckpt=str(tmp_path / "ckpt" / f"step={step}.ckpt"))
+    assert resumed == straight[step:]

@@ -267,6 +267,20 @@ def test_adaptive_model_switches_configurations_like_the_module(
     ]
 
 
+def test_adaptive_model_serves_from_a_packed_cache_with_the_same_logits(ckpt, config, other_config, batch):
+    dense, packed = (
+        AdaptiveModel.from_checkpoint(ckpt),
+        AdaptiveModel.from_checkpoint(ckpt, cache_mode="packed"),
+    )
+    for target in (config, other_config, config):
+        dense.adapt(target)
+        packed.adapt(target)
+        assert torch.equal(packed.logits(batch), dense.logits(batch))
+    caches = dense.module.model.cache, packed.module.model.cache
+    assert packed.module.model.cache.packed and caches[1].misses == caches[0].misses
+    assert caches[1].nbytes < 0.4 * caches[0].nbytes  # codes of <= 8 bits against fp32 weights
+
+
 def test_adaptive_model_export_matches_its_live_logits(ckpt, other_config, batch, workdir):
     served = AdaptiveModel.from_checkpoint(ckpt)
     served.adapt(other_config)

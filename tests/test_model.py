@@ -147,7 +147,7 @@ def test_cache_respects_its_memory_bound():
     from coalora.nn.weight_cache import QuantCache
 
     weight = torch.randn(64, 64)  # 16 KiB in fp32
-    cache = QuantCache(max_bytes=40_000)
+    cache = QuantCache(max_bytes=40_000, mode="dense")
     for bits in (2, 3, 4, 8):
         cache.get("w", QuantOption(bits, 8, "fp32", 64, 256), weight)
     assert len(cache) == 2 and cache.nbytes <= 40_000

@@ -21,6 +21,7 @@ from coalora.nn.lora import LoRALinear, lora_layer
 from coalora.nn.packed_lora import PackedLoRALinear
 from coalora.quant.options import QuantOption
 from coalora.quant.quantizer import fake_quantize, quantize
+from tests.tiny_models import untrained_task
 
 TEXTS = ["a gripping , funny and moving film", "the plot is thin and the acting is wooden and far too long"]
 ATOL = 1e-5
@@ -35,18 +36,7 @@ def _cache(tmp_path_factory):
 
 def _artifact(model_dir: Path, out: Path, causal: bool, seed: int = 0, **task_args) -> Path:
     """An artifact of an untrained CoA-LoRA task at a random configuration (no allocator run)."""
-    from coalora.tasks.causal_lm import CausalLMTask
-    from coalora.tasks.classification import ClassificationTask
-
-    torch.manual_seed(seed)
-    task_class = CausalLMTask if causal else ClassificationTask
-    task = task_class(model_name=str(model_dir), rank=4, train_budgets=[], eval_budgets=[], **task_args)
-    task.eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(task.model.mapper.net[-1].weight, std=0.05)
-        for layer in task.model.layers:
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-    config = task.model.space.random(torch.Generator().manual_seed(seed))
+    task, config = untrained_task(model_dir, causal, seed, **task_args)
     export(task, out, qconfig=config)
     return out
 

@@ -105,3 +105,20 @@ def save_tiny_models(root: Path) -> dict[str, Path]:
         _bpe_tokenizer(kind).save_pretrained(folder)
         paths[name] = folder
     return paths
+
+
+def untrained_task(model_dir: Path, causal: bool, seed: int = 0, **task_args):
+    """An untrained CoA-LoRA task whose adapter matters (B and the mapper's last layer moved off zero),
+    and a random configuration of it (mixed bits, block sizes and scale dtypes; no allocator run)."""
+    from coalora.tasks.causal_lm import CausalLMTask
+    from coalora.tasks.classification import ClassificationTask
+
+    torch.manual_seed(seed)
+    task_class = CausalLMTask if causal else ClassificationTask
+    task = task_class(model_name=str(model_dir), rank=4, train_budgets=[], eval_budgets=[], **task_args)
+    task.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(task.model.mapper.net[-1].weight, std=0.05)
+        for layer in task.model.layers:
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+    return task, task.model.space.random(torch.Generator().manual_seed(seed))

@@ -12,7 +12,8 @@ import argparse
 import re
 import time
 
-from coalora.errors import CoaloraError
+from coalora.checks import FINITE, arg, check_input_files, check_output_dir
+from coalora.quant.allocate import check_budget
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -23,13 +24,16 @@ def parse_bytes(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"'{text}' is not a byte count; write e.g. 5000000, 4.5MB or 3MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
+    count = int(float(match.group(1)) * _UNITS[unit])
+    if count <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive byte count, got '{text}'")
+    return count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint written by `coalora fit`")
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--budget", type=float, default=None, help="average bits per weight, e.g. 3.0")
+    which.add_argument("--budget", type=arg(FINITE), default=None, help="average bits per weight, e.g. 3.0")
     which.add_argument("--qconfig", default=None, help="configuration file (coalora allocate --out)")
     which.add_argument(
         "--max-bytes", type=parse_bytes, default=None, help="byte budget for all weights, e.g. 6MB"
@@ -41,14 +45,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="coalora",
         help="coalora: packed low-bit artifact (default); peft: dequantized base + PEFT adapter",
     )
+    parser.add_argument(
+        "--embedding-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of the stored embedding tables (float16 halves a small encoder's artifact)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from coalora.deploy.export import export
+    from coalora.deploy.files import check_replaceable
     from coalora.tasks.checkpoint import load_task
 
-    if args.max_bytes is not None and args.max_bytes <= 0:
-        raise CoaloraError(f"--max-bytes must be positive, got {args.max_bytes}")
+    if args.budget is not None:
+        check_budget(args.budget)
+    check_input_files([args.ckpt], "checkpoint", "pass a .ckpt written by `coalora fit`")
+    if args.qconfig is not None:
+        check_input_files([args.qconfig], "qconfig file", "write one with `coalora allocate --out`")
+    check_replaceable(check_output_dir(args.out, "--out"))  # before minutes of work, not after
     start = time.perf_counter()
     module = load_task(args.ckpt)
     loaded = time.perf_counter() - start
@@ -59,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         qconfig=args.qconfig,
         max_bytes=args.max_bytes,
         format=args.format,
+        embedding_dtype=args.embedding_dtype,
     )
     report.timings = {"load checkpoint": loaded, **report.timings}
     print("\n".join(report.lines()))

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from coalora.checks import FINITE, POSITIVE_INT, arg, check_output_dir, check_output_file
 from coalora.errors import CoaloraError
 from coalora.pretrained import DEFAULT_MODEL
 from coalora.quant.codebooks import CODE_FAMILIES
@@ -25,7 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL, help=f"backbone name or folder (default: {DEFAULT_MODEL})"
     )
     parser.add_argument(
-        "--budget", type=float, nargs="+", required=True, help="average bits per weight, e.g. 3.0"
+        "--budget",
+        type=arg(FINITE),
+        nargs="+",
+        required=True,
+        help="average bits per weight, e.g. 3.0",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help="qconfig file to write (one budget)")
@@ -44,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR or ../shared/data)"
     )
     parser.add_argument(
-        "--fisher-samples", type=int, default=256, help="sentences for the Fisher (default 256)"
+        "--fisher-samples", type=arg(POSITIVE_INT), default=256, help="sentences for the Fisher (default 256)"
     )
     parser.add_argument(
         "--codes", choices=CODE_FAMILIES, default="nf", help="code family: NormalFloat or int"
@@ -55,14 +60,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _outputs(args: argparse.Namespace) -> list[Path | None]:
     """Where each budget's configuration goes (None: print only)."""
     budgets = args.budget
+    labels = [budget_label(b, decimals=4) for b in budgets]
+    twice = [label for i, label in enumerate(labels) if label in labels[:i]]
+    if twice:
+        raise CoaloraError(f"--budget {twice[0]} is given twice; give each budget once")
     if args.out is not None:
         if len(budgets) != 1:
             raise CoaloraError(
                 f"--out takes one budget but got {len(budgets)}; use --out-dir DIR for several"
             )
-        return [Path(args.out)]
+        return [check_output_file(args.out, "--out")]
     if args.out_dir is not None:
-        return [Path(args.out_dir) / f"{budget_label(b, decimals=4)}bits.json" for b in budgets]
+        folder = check_output_dir(args.out_dir, "--out-dir")
+        return [check_output_file(folder / f"{label}bits.json", "--out-dir file") for label in labels]
     return [None] * len(budgets)
 
 
@@ -92,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
     for budget in args.budget:
         check_budget(budget)
-    if args.fisher_samples < 1:
-        raise CoaloraError(f"--fisher-samples must be >= 1, got {args.fisher_samples}")
     outputs = _outputs(args)
+    if args.cache_dir is not None:
+        check_output_dir(args.cache_dir, "--cache-dir")
     texts = _fisher_texts(args)
     start = time.perf_counter()
     space, table = model_error_table(args.model, texts, args.codes, args.cache_dir, args.fisher_samples)

@@ -8,6 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
+from coalora.checks import COUNT, arg, check_output_dir
 from coalora.errors import CoaloraError
 
 DEFAULT_CONFIG = "configs/sst2_minilm.yaml"
@@ -18,7 +19,9 @@ ACCEPTS_OVERRIDES = True
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help=f"LightningCLI config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--out", default="runs/demo", help="run folder (checkpoints, logs, eval/)")
-    parser.add_argument("--random", type=int, default=8, help="random unseen configurations to evaluate too")
+    parser.add_argument(
+        "--random", type=arg(COUNT), default=8, help="random unseen configurations to evaluate too"
+    )
 
 
 def find_config(name: str | None) -> Path:
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from coalora.commands import evaluate
 
     config = find_config(args.config)
-    out = Path(args.out)
+    out = check_output_dir(args.out, "--out")
     start = time.perf_counter()
     cli = lightning_main(
         [

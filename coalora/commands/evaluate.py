@@ -13,25 +13,50 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from coalora.checks import COUNT, FINITE, POSITIVE_INT, SEED, arg, check_input_files, check_output_dir
 from coalora.errors import CoaloraError
 from coalora.eval.report import format_table, summarise, write_outputs
 from coalora.eval.results import EvalResult, evaluate_config
+from coalora.quant.allocate import check_budget
 
 if TYPE_CHECKING:
     from coalora.quant.qconfig import QConfig
     from coalora.tasks.base import CoALoRATask
 
 
+def check_arguments(args: argparse.Namespace) -> Path:
+    """Everything the command line alone can show wrong, before a checkpoint loads; the output folder."""
+    if args.budgets == []:
+        raise CoaloraError("--budgets needs at least one value (or leave it out for the run's budgets)")
+    for budget in args.budgets or ():
+        check_budget(budget)
+    from coalora.tasks.checkpoint import read_checkpoint
+
+    for path in args.ckpt:  # every checkpoint readable before the first is evaluated (weights only)
+        read_checkpoint(path)
+    check_input_files(args.qconfig, "qconfig file", "write one with `coalora allocate --out`")
+    if args.glue_dir is not None and not Path(args.glue_dir).expanduser().is_dir():
+        raise CoaloraError(f"--glue-dir '{args.glue_dir}' is not a folder; pass the data folder")
+    out = Path(args.out) if args.out else Path(args.ckpt[0]).resolve().parent / "eval"
+    return check_output_dir(out, "--out")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", nargs="+", required=True, help="checkpoint(s) written by `coalora fit`")
     parser.add_argument(
-        "--budgets", nargs="*", type=float, default=None, help="bit budgets (default: the run's)"
+        "--budgets",
+        nargs="*",
+        type=arg(FINITE),
+        default=None,
+        help="bit budgets (default: the run's)",
     )
     parser.add_argument("--qconfig", nargs="*", default=[], help="qconfig JSON files to evaluate as well")
     parser.add_argument(
-        "--random", type=int, default=0, help="N random unseen configurations over 2.25-7 bits"
+        "--random", type=arg(COUNT), default=0, help="N random unseen configurations over 2.25-7 bits"
     )
-    parser.add_argument("--seen", type=int, default=0, help="N configurations that training steps used")
+    parser.add_argument(
+        "--seen", type=arg(COUNT), default=0, help="N configurations that training steps used"
+    )
     parser.add_argument("--out", default=None, help="output folder (default: <first ckpt folder>/eval)")
     parser.add_argument(
         "--glue-dir",
@@ -46,10 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="GLUE: dev either way (test labels are hidden); LM: default test if the run has test_files",
     )
-    parser.add_argument("--eval-limit", type=int, default=None, help="use only the first N examples/blocks")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--eval-limit", type=arg(POSITIVE_INT), default=None, help="use only the first N examples/blocks"
+    )
+    parser.add_argument("--batch-size", type=arg(POSITIVE_INT), default=128)
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --random and --seen")
+    parser.add_argument("--seed", type=arg(SEED), default=0, help="seed for --random and --seen")
 
 
 def _eval_loader(module: CoALoRATask, args: argparse.Namespace, data_hparams: dict):
@@ -88,6 +115,11 @@ def configs_to_evaluate(
         items.append((f"random-{i}", "random", space.random_near(target, generator)))
     if args.seen:
         trained = module.trained_on
+        if args.seen > len(trained):
+            raise CoaloraError(
+                f"--seen {args.seen}: training steps used only {len(trained)} configurations; "
+                f"pass --seen {len(trained)} or fewer"
+            )
         picks = torch.randperm(len(trained), generator=generator)[: args.seen]
         items += [(f"seen-{int(i)}", "seen", trained[int(i)]) for i in picks]
     return items
@@ -96,6 +128,7 @@ def configs_to_evaluate(
 def run(args: argparse.Namespace) -> int:
     from coalora.tasks.checkpoint import load_task, read_checkpoint
 
+    out = check_arguments(args)
     results: list[EvalResult] = []
     task = None
     names: dict[str, int] = {}
@@ -123,7 +156,6 @@ def run(args: argparse.Namespace) -> int:
             results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics))
             print(f"  {run_name} {label}: {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)
     assert task is not None  # argparse requires at least one --ckpt
-    out = Path(args.out) if args.out else Path(args.ckpt[0]).resolve().parent / "eval"
     paths = write_outputs(results, task, out)
     print(format_table(results, task))
     for run_name, info in summarise(results, task).items():

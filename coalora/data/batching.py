@@ -25,19 +25,26 @@ class EpochShuffler(RandomSampler):
     replays epoch 0's order; Lightning calls ``set_epoch`` before every epoch (also on resume), and this
     sampler reseeds from it. Subclassing ``RandomSampler`` keeps Lightning's DDP handling: it is swapped
     for a ``DistributedSampler``, which is itself seeded per epoch.
+
+    ``skip`` drops the first examples of the next pass only: a run resumed mid-epoch continues the
+    epoch's order where the checkpoint left it (:mod:`coalora.data.resume`) instead of replaying it.
     """
 
     def __init__(self, data_source: Sized, seed: int) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = seed
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a skip belongs to the epoch it was set for
+            self.skip = 0
         self.epoch = epoch
 
     def __iter__(self):
+        skip, self.skip = self.skip, 0
         self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=self.generator).tolist()
+        yield from torch.randperm(len(self.data_source), generator=self.generator).tolist()[skip:]
 
     def __len__(self) -> int:
         return len(self.data_source)

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from coalora.data.batching import PADDED_KEYS, EncodedDataset, EpochShuffler, PadCollator, split_search
+from coalora.data.batching import PADDED_KEYS, EncodedDataset, PadCollator, split_search
 from coalora.data.glue import Row, TaskSpec, get_task
 from coalora.data.glue_files import (
     default_glue_dir,
@@ -22,6 +22,7 @@ from coalora.data.glue_files import (
     read_rows,
     resolve_source,
 )
+from coalora.data.resume import ResumableTrainData
 from coalora.errors import CoaloraError
 from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
 
@@ -34,7 +35,7 @@ def _check_count(name: str, value: int | None, minimum: int) -> None:
         raise CoaloraError(f"{name}={value} is too small; use an integer >= {minimum}")
 
 
-class GLUEDataModule(L.LightningDataModule):
+class GLUEDataModule(ResumableTrainData, L.LightningDataModule):
     """One GLUE task: train (minus the search split), search, and dev (used for validation and test)."""
 
     if TYPE_CHECKING:  # Lightning types hparams as a plain mapping; ours are attribute-accessed arguments
@@ -151,6 +152,11 @@ class GLUEDataModule(L.LightningDataModule):
 
     def _setup_train(self) -> None:
         rows = self._rows("train")
+        if not rows:
+            raise CoaloraError(
+                f"the {self.spec.name} training data has no rows (only a header?); "
+                "give a train_file (or glue_dir) that holds examples"
+            )
         train, search = split_search(len(rows), self.hparams.search_size, self.hparams.seed)
         self.train_indices = train[: self.hparams.train_limit]
         self.search_indices = search
@@ -163,6 +169,11 @@ class GLUEDataModule(L.LightningDataModule):
             self._setup_train()
         if self.dev_set is None:
             rows = self._rows(self.spec.dev_split)
+            if not rows:
+                raise CoaloraError(
+                    f"the {self.spec.name} {self.spec.dev_split} split has no rows (only a header?); "
+                    "give a glue_dir whose dev file holds examples"
+                )
             self.dev_set = self._encode(rows[: self.hparams.eval_limit])
 
     # --------------------------------------------------------------------------------------- dataloaders
@@ -174,7 +185,7 @@ class GLUEDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffler(dataset, self.hparams.seed) if shuffle else None,
+            sampler=self.train_sampler(dataset, self.hparams.seed, batch_size) if shuffle else None,
             # seeds worker processes from this generator rather than from the global RNG
             generator=torch.Generator().manual_seed(self.hparams.seed),
             collate_fn=PadCollator(self.tokenizer.pad_token_id),

@@ -11,8 +11,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from coalora.data.batching import EpochShuffler, split_search
+from coalora.data.batching import split_search
 from coalora.data.glue_files import default_glue_dir
+from coalora.data.resume import ResumableTrainData
 from coalora.data.text_files import expand_paths, read_documents, stream_hub_documents
 from coalora.errors import CoaloraError
 from coalora.pretrained import load_tokenizer, model_context_length
@@ -45,7 +46,7 @@ def pack_documents(token_ids: list[list[int]], eos_id: int, block_size: int) -> 
     return torch.tensor(stream[: count * block_size], dtype=torch.long).view(count, block_size)
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ResumableTrainData, L.LightningDataModule):
     """Causal-LM data: train blocks (minus the search split), search blocks, validation and test blocks."""
 
     if TYPE_CHECKING:  # Lightning types hparams as a plain mapping; ours are attribute-accessed arguments
@@ -211,7 +212,7 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffler(dataset, self.hparams.seed) if shuffle else None,
+            sampler=self.train_sampler(dataset, self.hparams.seed, batch_size) if shuffle else None,
             generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=workers,
             persistent_workers=workers > 0,

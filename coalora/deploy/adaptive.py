@@ -21,6 +21,7 @@ from coalora.deploy.layout import Resolution
 from coalora.deploy.loaded import generate_texts, predict_texts
 from coalora.deploy.resolve import resolve_config
 from coalora.errors import CoaloraError
+from coalora.nn.weight_cache import CacheMode
 from coalora.pretrained import load_tokenizer
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.tasks.checkpoint import load_task
@@ -45,8 +46,15 @@ class AdaptiveModel:
         self._budgets: dict[float, Resolution] = {}
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> AdaptiveModel:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", cache_mode: CacheMode | None = None
+    ) -> AdaptiveModel:
+        """``cache_mode`` ``packed`` keeps every configuration adapted to as packed codes (its bits, not
+        fp32; a switch back dequantizes it, a few ms) and only the live one dense; None: the
+        checkpoint's own ``quant_cache_mode``. The full-precision base stays, to quantize new ones."""
         module = load_task(path).to(device)
+        if cache_mode is not None:
+            module.model.set_cache_mode(cache_mode)
         model = cls(module)
         if module.method.fixed:
             model.adapt(None)  # the one configuration it serves
@@ -137,9 +145,18 @@ class AdaptiveModel:
         target: QConfig | float | str | os.PathLike | None,
         out: str | os.PathLike,
         format: str = "coalora",
+        embedding_dtype: str = "float32",
     ) -> ExportReport:
-        """Write a deployable artifact (or a PEFT export) for a configuration; the live one is unchanged."""
+        """Write a deployable artifact (or a PEFT export) for a configuration; the live one is unchanged.
+        ``embedding_dtype``: as :func:`coalora.deploy.export.export`'s."""
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.module.hparams.model_name)
         resolution = self.resolve(target)
-        return export(self.module, out, format=format, tokenizer=self.tokenizer, resolution=resolution)
+        return export(
+            self.module,
+            out,
+            format=format,
+            tokenizer=self.tokenizer,
+            resolution=resolution,
+            embedding_dtype=embedding_dtype,
+        )

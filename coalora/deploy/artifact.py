@@ -8,11 +8,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from coalora import __version__
-from coalora.deploy.layout import FORMAT, PACKED_FIELDS, Artifact, Resolution, full_precision_state
+from coalora.deploy.layout import (
+    FORMAT,
+    PACKED_FIELDS,
+    Artifact,
+    Resolution,
+    full_precision_state,
+    narrow_embeddings,
+)
 from coalora.deploy.sizes import part_sizes
+from coalora.errors import CoaloraError
 from coalora.nn.model import head_parameter_names
 from coalora.quant.quantizer import PackedTensor, quantize
 from coalora.utils import intra_op_threads
+
+#: what ``embedding_dtype`` may name, and the dtype it stores the embedding tables in
+EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 if TYPE_CHECKING:
     from coalora.tasks.base import CoALoRATask
@@ -38,12 +49,16 @@ class _Stopwatch:
 
 
 @torch.no_grad()
-def build_artifact(module: CoALoRATask, resolution: Resolution) -> Artifact:
+def build_artifact(module: CoALoRATask, resolution: Resolution, embedding_dtype: str = "float32") -> Artifact:
     """Quantize and pack the backbone, run the mapper, fold B·M: the artifact for one configuration.
 
     ``resolution`` must come from :func:`coalora.deploy.resolve.resolve_config`, which checks that the
-    method serves it.
+    method serves it. ``embedding_dtype`` ``float16`` stores the (untied) embedding tables in fp16.
     """
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise CoaloraError(
+            f"embedding_dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got '{embedding_dtype}'"
+        )
     model, config = module.model, resolution.config
     family = module.hparams.code_family
     stages = _Stopwatch()
@@ -61,9 +76,12 @@ def build_artifact(module: CoALoRATask, resolution: Resolution) -> Artifact:
         }
         stages.lap("fold")
     full = full_precision_state(module, quantized=config is not None)
+    narrowed = narrow_embeddings(full, model.backbone, EMBEDDING_DTYPES[embedding_dtype])
     hf_config = _labelled_config(model.backbone.config, _label_names(module))
     artifact = Artifact({}, hf_config, config, packed, adapter, full, timings=stages.laps)
     artifact.metadata = _metadata(module, artifact, resolution)
+    # the tables stored narrower than the model computes in: loading keeps them so and widens looked-up rows
+    artifact.metadata["narrowed_embeddings"] = narrowed
     return artifact
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coalora.deploy.artifact import build_artifact
+from coalora.deploy.artifact import EMBEDDING_DTYPES, build_artifact
 from coalora.deploy.files import check_replaceable, write_artifact
 from coalora.deploy.layout import Resolution
 from coalora.deploy.resolve import resolve_config
@@ -52,19 +52,25 @@ def export(
     format: str = "coalora",
     tokenizer: Any = None,
     resolution: Resolution | None = None,
+    embedding_dtype: str = "float32",
 ) -> ExportReport:
     """Resolve a configuration (or take ``resolution``), build the artifact and write it.
 
-    ``format`` is ``coalora`` (the compact artifact) or ``peft`` (base model + PEFT adapter).
+    ``format`` is ``coalora`` (the compact artifact) or ``peft`` (base model + PEFT adapter);
+    ``embedding_dtype`` ``float16`` stores the embedding tables in fp16 (about half of a small encoder's
+    artifact; served as fp16 too, with the looked-up rows widened).
     """
     if format not in ("coalora", "peft"):
         raise CoaloraError(f"unknown export format '{format}'; use coalora or peft")
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        choices = ", ".join(EMBEDDING_DTYPES)
+        raise CoaloraError(f"embedding dtype must be one of {choices}, got '{embedding_dtype}'")
     check_replaceable(Path(out))  # fail before the expensive part
     start = time.perf_counter()
     if resolution is None:
         resolution = resolve_config(module, budget=budget, qconfig=qconfig, max_bytes=max_bytes)
     timings = {"resolve": time.perf_counter() - start}
-    artifact = build_artifact(module, resolution)
+    artifact = build_artifact(module, resolution, embedding_dtype)
     timings.update(artifact.timings)
     start = time.perf_counter()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(module.hparams.model_name)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from coalora.quant.qconfig import QConfig
 from coalora.quant.quantizer import PackedTensor
@@ -82,3 +83,26 @@ def full_precision_state(module: CoALoRATask, quantized: bool) -> dict[str, torc
         stored.add(value.data_ptr())
         kept[key] = value.detach().cpu().clone().contiguous()
     return kept
+
+
+def narrow_embeddings(state: dict[str, torch.Tensor], model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Store the fp32 tables of :func:`embedding_keys` in ``state`` as ``dtype`` (fp16 halves MiniLM's
+    artifact, whose word embeddings are 47.7 of its 55 MB); returns the keys narrowed."""
+    if dtype == torch.float32:
+        return []
+    keys = sorted(k for k in embedding_keys(model) if k in state and state[k].dtype == torch.float32)
+    for key in keys:
+        state[key] = state[key].to(dtype)
+    return keys
+
+
+def embedding_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the model's ``nn.Embedding`` tables that no other module shares: those may be
+    stored in a narrower dtype, since only looked-up rows are ever computed with (a table tied to an LM
+    head is a matmul weight too, and keeps the model's dtype)."""
+    state = model.state_dict()
+    uses: dict[int, int] = {}
+    for value in state.values():
+        uses[value.data_ptr()] = uses.get(value.data_ptr(), 0) + 1
+    keys = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return {key for key in keys if key in state and uses[state[key].data_ptr()] == 1}

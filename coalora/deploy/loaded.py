@@ -20,6 +20,7 @@ from torch import nn
 
 from coalora.deploy.layout import REEXPORT, Artifact
 from coalora.deploy.reader import read_artifact
+from coalora.deploy.texts import check_texts
 from coalora.errors import CoaloraError
 from coalora.nn.lora import LoRALinear
 from coalora.nn.packed_lora import PackedLoRALinear
@@ -120,8 +121,11 @@ def packed_model(artifact: Artifact) -> nn.Module:
     names = _check_targets(model, artifact)
     shared = _shared_parameters(model)
     built = model.state_dict(keep_vars=True)
+    narrowed = set(artifact.metadata.get("narrowed_embeddings", []))
     state = {  # in the model's dtypes, as copying into it would give (a no-op, no copy, where they agree)
-        key: value.to(built[key].dtype) if key in built and value.is_floating_point() else value
+        key: value.to(built[key].dtype)
+        if key in built and value.is_floating_point() and key not in narrowed
+        else value
         for key, value in artifact.full_precision.items()
     }
     try:
@@ -148,10 +152,20 @@ def packed_model(artifact: Artifact) -> nn.Module:
         dtype = linear.weight.dtype
         layer = PackedLoRALinear.from_packed(packed, linear.bias, *artifact.adapter[name], scaling, dtype)
         setattr(parent, child, layer)
+    for key in narrowed:  # fp16 tables stay fp16; the rows they look up are widened to the model's dtype
+        widen_lookups(model.get_submodule(key.rpartition(".")[0]), built[key].dtype)
     missing = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
     if missing:
         raise CoaloraError(f"artifact misses tensor '{missing[0]}' ({len(missing)} missing); {REEXPORT}")
     return model.requires_grad_(False).eval()
+
+
+def widen_lookups(embedding: nn.Module, dtype: torch.dtype) -> None:
+    """Make an embedding stored narrower than the model return ``dtype`` rows (a forward hook, so the
+    module stays the ``nn.Embedding`` Hugging Face code expects): only the looked-up rows are widened."""
+    if not isinstance(embedding, nn.Embedding):
+        raise CoaloraError(f"narrowed tensor of '{type(embedding).__name__}' is not an embedding; {REEXPORT}")
+    embedding.register_forward_hook(lambda module, inputs, output: output.to(dtype))
 
 
 def assemble(artifact: Artifact, merge: bool = False, dequantize: bool = False) -> nn.Module:
@@ -183,7 +197,7 @@ def predict_texts(
     max_length: int = 128,
 ) -> list[dict]:
     """Labels and probabilities (classification) or scores (regression) for raw texts or text pairs."""
-    texts = [texts] if isinstance(texts, str) else texts
+    texts = check_texts(texts)  # None, ints, bytes: one line saying what to pass, not a tokenizer error
     results: list[dict] = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])

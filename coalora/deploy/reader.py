@@ -36,6 +36,11 @@ def _corrupt(folder: Path, what: str) -> CoaloraError:
 def read_metadata(folder: Path, verify: bool = True) -> dict:
     """``coalora.json``, checked for format, and every listed file for size (and SHA-256 if ``verify``)."""
     path = folder / METADATA_FILE
+    if folder.is_file() or folder.suffix == ".ckpt":
+        raise CoaloraError(
+            f"'{folder}' is a file, not an artifact folder; a training checkpoint opens with "
+            f"coalora.deploy.AdaptiveModel.from_checkpoint('{folder}'), or export one with `coalora adapt`"
+        )
     if not folder.is_dir():
         raise CoaloraError(f"artifact folder '{folder}' does not exist; write one with `coalora adapt`")
     if not path.is_file():
@@ -106,7 +111,12 @@ def read_artifact(folder: str | os.PathLike, verify: bool = True) -> Artifact:
     """Read and check an artifact folder; every inconsistency is a one-line :class:`CoaloraError`."""
     from transformers import AutoConfig, AutoTokenizer
 
-    folder = Path(folder)
+    if not isinstance(folder, (str, os.PathLike)) or str(folder) == "":
+        raise CoaloraError(
+            f"coalora.load takes the path of an artifact folder, got {folder!r}; "
+            "pass the folder `coalora adapt` writes"
+        )
+    folder = Path(folder).expanduser()
     metadata = read_metadata(folder, verify)
     try:
         hf_config = AutoConfig.from_pretrained(folder)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from coalora.data.glue import main_metric
 from coalora.eval.hypervolume import hypervolume
 from coalora.eval.results import EvalResult
-from coalora.utils import write_text_atomic
+from coalora.utils import atomic_path, write_text_atomic
 
 #: which kinds of point each hypervolume covers; never mixed, so two runs' values are over the same
 #: configurations (budgets are allocated identically for every method; random ones come from one seed)
@@ -94,12 +95,11 @@ def write_outputs(results: list[EvalResult], task: str, out_dir: str | os.PathLi
     write_text_atomic(paths["json"], json.dumps(payload, indent=1) + "\n")
     rows = [r.row() for r in results]
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = paths["csv"].with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, paths["csv"])
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(paths["csv"], text.getvalue())
     plot(results, task, paths["png"])
     return paths
 
@@ -143,7 +143,6 @@ def plot(results: list[EvalResult], task: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right" if lower_better else "lower right")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

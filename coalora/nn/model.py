@@ -12,7 +12,7 @@ from torch import nn
 
 from coalora.nn.lora import LoRALinear, lora_layer
 from coalora.nn.mapper import ConfigMapper
-from coalora.nn.weight_cache import QuantCache
+from coalora.nn.weight_cache import CacheMode, QuantCache
 from coalora.quant.options import QuantOption
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.quant.targets import TargetMatrix, discover_targets, module_types
@@ -66,6 +66,7 @@ class CoALoRAModel(nn.Module):
         code_family: str = "nf",
         cache_bytes: int = 4 << 30,
         train_head: bool = True,
+        cache_mode: CacheMode = "auto",
     ) -> None:
         """``train_head``: the task head (everything outside the base model) trains; False for causal LMs,
         whose ``lm_head`` (tied to the embeddings or not) stays frozen like the rest of the backbone."""
@@ -91,9 +92,15 @@ class CoALoRAModel(nn.Module):
             if use_mapper
             else None
         )
-        self.cache = QuantCache(cache_bytes, code_family)
+        self.cache = QuantCache(cache_bytes, code_family, cache_mode)
         self._active: list[QuantOption | None] = [None] * len(self.layers)
         self.active_config: QConfig | None = None
+
+    def set_cache_mode(self, mode: CacheMode) -> None:
+        """Hold the quantized weights of later switches ``dense``, ``packed`` or ``auto``
+        (:mod:`coalora.nn.weight_cache`); the cache starts empty, its bound unchanged."""
+        self.cache = QuantCache(self.cache.max_bytes, self.cache.family, mode)
+        self.set_config(None)
 
     def _apply(self, fn, recurse: bool = True):
         """Moving devices or dtypes invalidates every cached dequantized weight."""

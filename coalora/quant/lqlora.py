@@ -3,6 +3,9 @@ quantization; and the residual W − L its adapter was trained on, reproduced fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from coalora.errors import CoaloraError
@@ -56,3 +59,26 @@ def lqlora_residuals(
             )
         residuals[name] = residual
     return residuals
+
+
+def init_lqlora_adapters(
+    layers: Sequence[Any],
+    names: Sequence[str],
+    config: QConfig,
+    weights: dict[str, torch.Tensor],
+    iters: int = 2,
+    family: str = "nf",
+) -> dict[str, torch.Tensor]:
+    """Set each LoRA layer's A, B to LQ-LoRA's L = L₁L₂ (split evenly around its scaling) and return the
+    pinned bases Q(W − L) by matrix name, in the layers' weight dtype."""
+    pinned = {}
+    for name, layer in zip(names, layers, strict=True):
+        quantized, left, right = lqlora_decompose(
+            weights[name], config.matrices[name], layer.rank, iters, family
+        )
+        root = layer.scaling**0.5
+        with torch.no_grad():
+            layer.lora_B.copy_(left / root)
+            layer.lora_A.copy_(right / root)
+        pinned[name] = quantized.to(layer.weight.dtype)
+    return pinned

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from coalora.quant.options import (
     QuantOption,
 )
 from coalora.quant.targets import TargetMatrix
+from coalora.utils import write_text_atomic
 
 FORMAT = "coalora.qconfig/1"
 
@@ -35,6 +36,8 @@ class QConfig:
 
     matrices: Mapping[str, QuantOption]
     model: str = ""
+    #: the ``avg_bits`` a file's header states (checked against the matrices by ConfigSpace.validate)
+    declared_bits: float | None = field(default=None, compare=False)
 
     def __hash__(self) -> int:
         return hash(tuple(self.matrices.items()))
@@ -67,15 +70,14 @@ class QConfig:
             name: QuantOption.from_dict(opt, where=f"{where}: matrix '{name}'")
             for name, opt in matrices.items()
         }
-        return cls(matrices=options, model=str(data.get("model", "")))
+        declared = data.get("avg_bits")
+        if declared is not None and (isinstance(declared, bool) or not isinstance(declared, (int, float))):
+            raise CoaloraError(f"{where} has avg_bits {declared!r}, not a number; fix it or remove the key")
+        return cls(matrices=options, model=str(data.get("model", "")), declared_bits=declared)
 
     def save(self, path: str | os.PathLike, avg_bits: float | None = None) -> None:
         """Write atomically, so a failed write never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(avg_bits), indent=1) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(Path(path), json.dumps(self.to_json(avg_bits), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QConfig:
@@ -86,9 +88,14 @@ class QConfig:
             )
         try:
             data = json.loads(path.read_text())
+        except UnicodeDecodeError:
+            raise CoaloraError(
+                f"qconfig file '{path}' is not text (binary data); write one with `coalora allocate --out`"
+            ) from None
         except json.JSONDecodeError as err:
             raise CoaloraError(
-                f"qconfig file '{path}' is not valid JSON ({err.msg} at line {err.lineno})"
+                f"qconfig file '{path}' is not valid JSON ({err.msg} at line {err.lineno}); "
+                "fix it or write one with `coalora allocate --out`"
             ) from None
         return cls.from_json(data, where=f"qconfig '{path}'")
 
@@ -183,7 +190,15 @@ class ConfigSpace:
                 f"{where} is missing target module '{missing[0]}' ({len(missing)} of {len(self)} missing); "
                 "every target matrix needs an option"
             )
-        return self.make(config.matrices[n] for n in self.names)
+        ordered = self.make(config.matrices[n] for n in self.names)
+        if config.declared_bits is not None:
+            actual = self.avg_bits(ordered)
+            if abs(actual - float(config.declared_bits)) > 1e-4 * max(1.0, actual):
+                raise CoaloraError(
+                    f"{where} states avg_bits {config.declared_bits:g} but its matrices average {actual:.4f} "
+                    "bits (edited by hand?); fix or remove avg_bits, or write the file with coalora allocate"
+                )
+        return ordered
 
     def load(self, path: str | os.PathLike) -> QConfig:
         return self.validate(QConfig.load(path), where=f"qconfig '{path}'")

@@ -25,22 +25,26 @@ from torchmetrics import MetricCollection
 
 from coalora.errors import CoaloraError
 from coalora.nn.model import CoALoRAModel
+from coalora.nn.weight_cache import CacheMode
 from coalora.pretrained import DEFAULT_MODEL
 from coalora.quant.allocate import check_budget
 from coalora.quant.error_table import cached_error_table
-from coalora.quant.lqlora import lqlora_decompose, lqlora_residuals
+from coalora.quant.lqlora import init_lqlora_adapters, lqlora_residuals
 from coalora.quant.qconfig import QConfig
 from coalora.quant.targets import target_weights, weights_fingerprint
+from coalora.tasks.backward import PerConfigurationBackward, backward_now, check_backward_strategy
 from coalora.tasks.configurations import ConfigurationSets
 from coalora.tasks.methods import Method, MethodSpec, method_spec
 from coalora.tasks.metrics import ConfigurationMetrics
+from coalora.tasks.seeding import BatchSeededDropout
+from coalora.tasks.validation import check_task_arguments
 from coalora.utils import budget_label
 
 #: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
 TASK_TYPES: dict[str, type[CoALoRATask]] = {}
 
 
-class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
+class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDropout, L.LightningModule, ABC):
     """Configuration-aware LoRA fine-tuning of a quantized Hugging Face backbone."""
 
     #: the name checkpoints record, so the one checkpoint reader rebuilds the right task
@@ -80,10 +84,12 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
         mapper_embed_dim: int = 8,
         mapper_hidden: int = 128,
         quant_cache_gb: float = 4.0,
+        quant_cache_mode: CacheMode = "auto",
         seed: int = 42,
         use_mapper: bool = True,
         low_bit_draw: float | None = None,
         distill_weight: float = 0.0,
+        backward_per_config: bool = True,
     ) -> None:
         """
         Args:
@@ -98,7 +104,9 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
             code_family: ``nf`` (NormalFloat) or ``int`` codes.
             lqlora_iters: alternations of LQ-LoRA's decomposition.
             mapper_embed_dim, mapper_hidden: the configuration-aware network.
-            quant_cache_gb: bound of the dequantized-weight cache.
+            quant_cache_gb, quant_cache_mode: bound of the quantized-weight cache, and whether it holds
+                dequantized weights (``dense``), packed codes (``packed``, dequantized per activation)
+                or dense until the bound is reached, then packed (``auto``); :mod:`coalora.nn.weight_cache`.
             seed: the run's seed (each step's draw of configurations; the data module follows it).
             use_mapper: False switches CoA-LoRA's mapper off (M = I): one shared adapter trained exactly as
                 CoA-LoRA trains, the ablation that isolates the mapper's contribution.
@@ -106,16 +114,15 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
                 those under this many bits (None: all K uniformly from the training set).
             distill_weight: weight of in-step distillation from the full-precision model (same adapter, no
                 mapper, no gradient) into every configuration of the step; 0 turns it off.
+            backward_per_config: run each of a step's K configurations' backward before the next one's
+                forward, so one graph is alive at a time (K = 2 peaks like K = 1) with the same averaged
+                gradient, clipping and accumulation; False: one backward of the summed losses (all K graphs
+                alive). Single-device and DDP strategies only (:mod:`coalora.tasks.backward`).
         """
         super().__init__()
         self.method: MethodSpec = method_spec(method)
-        if self.method.fixed and self.method.quantized and train_budget is None and qconfig is None:
-            raise CoaloraError(f"method '{method}' trains for one configuration: set train_budget or qconfig")
-        if configs_per_step < 1:
-            raise CoaloraError(f"configs_per_step must be >= 1, got {configs_per_step}")
-        if distill_weight < 0:
-            raise CoaloraError(f"distill_weight must be >= 0, got {distill_weight}")
         self.save_hyperparameters()
+        check_task_arguments(self.hparams)  # every range and conflict, before the backbone loads
         backbone = self.load_backbone()
         self.model = CoALoRAModel(
             backbone,
@@ -128,6 +135,7 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
             mapper_hidden=mapper_hidden,
             code_family=code_family,
             cache_bytes=int(quant_cache_gb * (1 << 30)),
+            cache_mode=quant_cache_mode,
             train_head=self.trains_head,
         )
         weights = target_weights(backbone, self.model.space.targets)
@@ -228,16 +236,9 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
     def _init_lqlora(self, config: QConfig, weights: dict[str, torch.Tensor]) -> None:
         """Initialise A, B from LQ-LoRA's decomposition and pin Q(W − L) as the base weights."""
         hp = self.hparams
-        for name, layer in zip(self.model.space.names, self.model.layers, strict=True):
-            option = config.matrices[name]
-            quantized, left, right = lqlora_decompose(
-                weights[name], option, layer.rank, hp.lqlora_iters, hp.code_family
-            )
-            root = layer.scaling**0.5
-            with torch.no_grad():
-                layer.lora_B.copy_(left / root)
-                layer.lora_A.copy_(right / root)
-            self.pinned_weights[name] = quantized.to(layer.weight.dtype)
+        self.pinned_weights = init_lqlora_adapters(
+            self.model.layers, self.model.space.names, config, weights, hp.lqlora_iters, hp.code_family
+        )
         self.model.set_fixed_weights(self.pinned_weights, config)
 
     @property
@@ -288,6 +289,7 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
 
     def on_fit_start(self) -> None:
         """Every DDP rank trains on rank 0's configuration sets (allocation is deterministic, but be sure)."""
+        check_backward_strategy(self.trainer.strategy, self.hparams.backward_per_config)
         if self.trainer.world_size > 1:
             self.train_configs, self.eval_configs = self.trainer.strategy.broadcast(
                 (self.train_configs, self.eval_configs), src=0
@@ -309,6 +311,8 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
         return len(batch["input_ids"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The mean loss over the step's K configurations. With ``backward_per_config`` each share but the
+        last is back-propagated here, before the next configuration's forward (:mod:`.backward`)."""
         configs = self.sample_configs()
         self.configs.record(configs)
         weight = self.hparams.distill_weight
@@ -316,16 +320,21 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
         if weight > 0:  # the sandwich rule's teacher: full precision, the same adapter, no gradient
             with torch.no_grad():
                 teacher = self(batch, None)
-        losses = []
-        for config in configs:
+        early = self.prepare_early_backward(batch_idx)
+        shares = []
+        for index, config in enumerate(configs):
             outputs = self(batch, config)
             loss = self.loss(outputs, batch)
             if teacher is not None:
                 loss = loss + weight * self.distillation_loss(outputs, teacher)
-            losses.append(loss)
-        loss = functools.reduce(operator.add, losses) / len(losses)
-        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size(batch))
-        return loss
+            share = loss / len(configs)
+            if early and index < len(configs) - 1:
+                backward_now(self._trainer, share)
+                share = share.detach()  # its graph is freed now
+            shares.append(share)
+        total = functools.reduce(operator.add, shares)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=self.batch_size(batch))
+        return shares[-1] if early else total
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         for label, config in self.eval_configs.items():
@@ -341,12 +350,10 @@ class CoALoRATask(ConfigurationMetrics, L.LightningModule, ABC):
         self._eval_step(batch, "test")
 
     def _eval_epoch_end(self, stage: str) -> None:
-        totals: dict[str, float] = {}
-        for label in self.eval_configs:
-            for name, value in self.compute_metrics(label).items():
-                self.log(f"{stage}/{name}@{label}", value, sync_dist=True)
-                totals[name] = totals.get(name, 0.0) + float(value) / len(self.eval_configs)
-        for name, mean in totals.items():
+        per_label, means = self.epoch_metrics(list(self.eval_configs))
+        for key, value in per_label.items():
+            self.log(f"{stage}/{key}", value, sync_dist=True)
+        for name, mean in means.items():
             self.log(f"{stage}/{name}", mean, prog_bar=name == self.main_metric, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:

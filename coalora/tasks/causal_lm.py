@@ -62,18 +62,15 @@ class CausalLMTask(CoALoRATask):
         """
         if (
             gradient_checkpointing
+            and not kwargs.get("backward_per_config", True)
             and kwargs.get("configs_per_step", 2) > 1
-            and kwargs.get("method")
-            in (
-                None,
-                "coalora",
-            )
+            and kwargs.get("method", "coalora") == "coalora"
         ):
-            # the K losses share one backward, and each recomputed block would read the weights of the
-            # configuration set last, not its own: wrong gradients (one backward per configuration: #13)
+            # one backward of the K summed losses: each recomputed block would read the weights of the
+            # configuration set last, not its own, so the gradients would be wrong
             raise CoaloraError(
-                "gradient_checkpointing needs configs_per_step: 1 (with K > 1 the recomputed blocks see "
-                "the last configuration's weights); set one of them differently"
+                "gradient_checkpointing with configs_per_step > 1 needs backward_per_config: true (one "
+                "backward of the summed losses recomputes every block with the last configuration's weights)"
             )
         super().__init__(**kwargs)
 

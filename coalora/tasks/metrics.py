@@ -42,6 +42,17 @@ class ConfigurationMetrics:
         metrics.reset()
         return values
 
+    def epoch_metrics(self, labels: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Every label's accumulated metrics as ``name@label``, and each metric's mean over the labels
+        (what the progress bar shows); the accumulators are reset."""
+        per_label: dict[str, torch.Tensor] = {}
+        means: dict[str, float] = {}
+        for label in labels:
+            for name, value in self.compute_metrics(label).items():
+                per_label[f"{name}@{label}"] = value
+                means[name] = means.get(name, 0.0) + float(value) / len(labels)
+        return per_label, means
+
 
 def _metric_key(label: str) -> str:
     """A ModuleDict key for a configuration label (no dots allowed there)."""
