@@ -11,6 +11,7 @@ from coalora.data.glue_datamodule import GLUEDataModule
 from coalora.errors import CoaloraError
 from coalora.tasks.backward import check_backward_strategy
 from coalora.tasks.classification import ClassificationTask
+from tests.tiny_models import tiny_glue_data
 
 BUDGETS = [2.5, 3.3, 5.0]
 
@@ -91,15 +92,7 @@ def test_k_configurations_hold_one_graph_at_a_time(tiny_models_dir):
 
 
 def _data(tiny_models_dir, glue_dir) -> GLUEDataModule:
-    return GLUEDataModule(
-        model_name=str(tiny_models_dir / "tiny-bert"),
-        glue_dir=str(glue_dir),
-        train_file="sst2/sentence/stsa.binary.train",
-        train_limit=48,
-        eval_limit=16,
-        batch_size=8,
-        search_size=0,
-    )
+    return tiny_glue_data(tiny_models_dir / "tiny-bert", glue_dir, train_limit=48)
 
 
 def _trained(task: ClassificationTask, data: GLUEDataModule, tmp_path, **trainer_args) -> torch.Tensor:

@@ -16,13 +16,6 @@ from tests.tiny_models import untrained_task
 TEXTS = ["a gripping , funny and moving film", "the plot is thin and the acting is wooden"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("COALORA_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def bert_pair(tiny_models_dir, tmp_path_factory):
     """The same task and configuration exported with fp32 and with fp16 embedding tables."""

@@ -10,6 +10,7 @@ from coalora.data.glue_datamodule import GLUEDataModule
 from coalora.errors import CoaloraError
 from coalora.tasks.classification import ClassificationTask
 from coalora.utils import budget_label
+from tests.tiny_models import tiny_glue_data
 
 BUDGETS = [2.5, 3.3, 5.0]
 
@@ -20,15 +21,7 @@ def _module(tiny_models_dir, **kwargs) -> ClassificationTask:
 
 
 def _data(tiny_models_dir, glue_dir) -> GLUEDataModule:
-    return GLUEDataModule(
-        model_name=str(tiny_models_dir / "tiny-bert"),
-        glue_dir=str(glue_dir),
-        train_file="sst2/sentence/stsa.binary.train",
-        train_limit=32,
-        eval_limit=16,
-        batch_size=8,
-        search_size=0,
-    )
+    return tiny_glue_data(tiny_models_dir / "tiny-bert", glue_dir)
 
 
 def _fit(module, data, tmp_path, steps: int = 3) -> L.Trainer:

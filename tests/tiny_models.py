@@ -122,3 +122,19 @@ def untrained_task(model_dir: Path, causal: bool, seed: int = 0, **task_args):
         for layer in task.model.layers:
             torch.nn.init.normal_(layer.lora_B, std=0.05)
     return task, task.model.space.random(torch.Generator().manual_seed(seed))
+
+
+def tiny_glue_data(model_dir: Path, glue_dir: Path, **overrides):
+    """A GLUE data module over the SST-2 fixture for a tiny backbone: small, no search split."""
+    from coalora.data.glue_datamodule import GLUEDataModule
+
+    args = dict(
+        model_name=str(model_dir),
+        glue_dir=str(glue_dir),
+        train_file="sst2/sentence/stsa.binary.train",
+        train_limit=32,
+        eval_limit=16,
+        batch_size=8,
+        search_size=0,
+    )
+    return GLUEDataModule(**{**args, **overrides})
