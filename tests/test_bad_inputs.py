@@ -163,6 +163,8 @@ FIT_CASES = [
     (["--model.method", "qlora", "--model.qconfig", "{file}"], "not valid JSON"),
     (["--model.low_bit_draw", "0.5"], "model.low_bit_draw must be"),
     (["--model.distill_weight", "-1"], "distill_weight must be >= 0"),
+    (["--model.mapper_lr", "0"], "model.mapper_lr must be"),
+    (["--model.mapper_lr", "1e-3", "--model.use_mapper", "false"], "has no mapper here"),
     (["--model.mapper_hidden", "0"], "model.mapper_hidden"),
     (["--model.code_family", "float"], "code_family"),
     (["--model.quant_cache_gb", "-1"], "quant_cache_gb"),

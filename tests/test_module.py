@@ -200,3 +200,35 @@ def test_distillation_pulls_each_configuration_towards_full_precision(tiny_model
     assert module.model.mapper.net[-1].weight.grad is not None
     with pytest.raises(CoaloraError, match="distill_weight must be >= 0"):
         _module(tiny_models_dir, distill_weight=-1.0)
+
+
+def test_mapper_lr_moves_only_the_mapper_faster(tiny_models_dir):
+    """One AdamW step: the mapper's parameters move by mapper_lr, the adapter's by lr (Adam's first step
+    moves each entry by about its group's learning rate, whatever the gradient's size)."""
+    torch.manual_seed(0)
+    module = _module(tiny_models_dir, lr=1e-4, mapper_lr=1e-2, weight_decay=0.0)
+    optimizer = module.configure_optimizers()
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-2]
+    mapper = {id(p) for p in module.model.mapper.parameters()}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == mapper
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 8)),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
+    with torch.no_grad():  # B starts at zero, which gives the mapper no gradient on the first step
+        for name, p in module.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.02)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    module.batch_loss(batch, module.train_configs[0]).backward()
+    optimizer.step()
+    moved = {
+        n: (p.detach() - before[n]).abs().max().item() for n, p in module.named_parameters() if n in before
+    }
+    lora_b = max(v for n, v in moved.items() if n.endswith("lora_B"))
+    mapper_last = moved["model.mapper.net.3.weight"]
+    assert lora_b == pytest.approx(1e-4, rel=0.05)
+    assert mapper_last == pytest.approx(1e-2, rel=0.05)
+    plain = _module(tiny_models_dir, lr=1e-4).configure_optimizers()
+    assert len(plain.param_groups) == 1  # unset: one group at lr, as before

@@ -36,6 +36,7 @@ from coalora.tasks.backward import PerConfigurationBackward, backward_now, check
 from coalora.tasks.configurations import ConfigurationSets
 from coalora.tasks.methods import Method, MethodSpec, method_spec
 from coalora.tasks.metrics import ConfigurationMetrics
+from coalora.tasks.optimizer import build_optimizer
 from coalora.tasks.seeding import BatchSeededDropout
 from coalora.tasks.validation import check_task_arguments
 from coalora.utils import budget_label
@@ -74,6 +75,7 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
         lora_dropout: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
+        mapper_lr: float | None = None,
         configs_per_step: int = 2,
         train_budgets: list[float] | None = None,
         eval_budgets: list[float] | None = None,
@@ -96,7 +98,7 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
             model_name: hub name or local folder of the backbone (offline first).
             method: what trains and serves; see :mod:`coalora.tasks.methods`.
             rank, alpha, lora_dropout: the LoRA adapter; its scaling is alpha / rank.
-            lr, weight_decay: AdamW over LoRA, mapper and task head.
+            lr, weight_decay, mapper_lr: AdamW over LoRA, mapper and head; the mapper at mapper_lr if set.
             configs_per_step: K, CoA-LoRA's configurations per training step.
             train_budgets: CoA-LoRA's training budgets (default the grid 2.25, 2.35, ..., 7.15).
             eval_budgets: budgets validated and tested at (default 2.5, 3.0, 3.5, 4.0).
@@ -363,9 +365,7 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
         self._eval_epoch_end("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.model.trainable_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+        return build_optimizer(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.mapper_lr)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -24,6 +24,7 @@ TASK_BOUNDS: dict[str, Bound] = {
     "alpha": Bound(0, open_low=True),
     "lora_dropout": Bound(0, 1, open_high=True),
     "lr": Bound(0, 1, open_low=True),
+    "mapper_lr": Bound(0, 1, open_low=True, optional=True),
     "weight_decay": NON_NEGATIVE,
     "configs_per_step": Bound(1, 1024, integer=True),
     "lqlora_iters": Bound(1, 100, integer=True),
@@ -61,6 +62,13 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
     if low_bit is not None:
         low, high = budget_range()
         Bound(low, high).check("model.low_bit_draw", low_bit, "pass a budget in bits, or null to turn it off")
+    if arguments.get("mapper_lr") is not None and not (
+        method.uses_mapper and arguments.get("use_mapper", True)
+    ):
+        raise CoaloraError(
+            f"model.mapper_lr is set but method '{method.name}' has no mapper here (use_mapper false, or a "
+            "method without one); drop mapper_lr"
+        )
     _check_one_configuration(method.name, arguments.get("train_budget"), arguments.get("qconfig"))
 
 
