@@ -12,7 +12,8 @@ evaluation budgets, Shared-LoRA on CoA-LoRA's training set (CoA-LoRA with the ma
 ablation that isolates the mapper), CoA-LoRA with the search, a frozen set and random extension, and
 CoA-LoRA with the search plus two changes tried to reach the bars (``coalora-sandwich``: distillation from
 full precision in every step, and one configuration per step drawn under 3 bits), and the frozen set with
-the mapper at 10x the adapter's learning rate (``coalora-mapper-lr``).
+the mapper at 10x the adapter's learning rate (``coalora-mapper-lr``); ``sandwich-mapper-off`` is the
+sandwich run with the mapper switched off, so the sandwich's gain can be split into distillation and mapper.
 All runs: the same training sentences, one epoch, batch 32, rank 16, lr 5e-4, bf16.
 
 Runs live in ``runs/lowbit/s<seed>/<run>/`` and are skipped once their ``done.json`` exists, so the regime
@@ -64,6 +65,15 @@ def planned_runs() -> list[tuple[str, list[str]]]:
     # any run, not tuned): B starts at zero, so the mapper's gradient (through B) is tiny for most of a
     # 100-step run; against shared-trainset it isolates the mapper exactly as coalora-frozen does
     runs.append(("coalora-mapper-lr", ["--config", f"{lowbit}/frozen.yaml", "--model.mapper_lr", "5e-3"]))
+    # the sandwich's own control: identical flags with the mapper off, so coalora-sandwich minus it is what
+    # the mapper adds once distillation and the low-bit draw are in (the sandwich's gain over
+    # shared-trainset mixes the two)
+    runs.append(
+        (
+            "sandwich-mapper-off",
+            ["--config", f"{lowbit}/search.yaml", *sandwich, "--model.use_mapper", "false"],
+        )
+    )
     return [(name, [*flags, *common]) for name, flags in runs]
 
 
@@ -216,6 +226,15 @@ def bars(rows: list[dict]) -> dict[str, object]:
             by_variant[method] = mean_std(found)
     if by_variant:
         result["mapper_gain_random_by_variant_points"] = by_variant
+    sandwich_random = gap(per_seed("coalora-sandwich", "random"), per_seed("sandwich-mapper-off", "random"))
+    if sandwich_random:  # the mapper's part of the sandwich: same flags, mapper on vs off
+        result["sandwich_mapper_gain_random_points"] = mean_std(sandwich_random)
+        sandwich_budgets = gap(
+            per_seed("coalora-sandwich", "budget"), per_seed("sandwich-mapper-off", "budget")
+        )
+        result["sandwich_mapper_gain_budgets_points"] = (
+            mean_std(sandwich_budgets) if sandwich_budgets else None
+        )
     return result
 
 

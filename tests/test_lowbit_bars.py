@@ -1,0 +1,60 @@
+"""The low-bit regime's bar arithmetic (issue #11): the closing note's figures come from ``bars()``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import lowbit_regime
+
+
+def _rows(method: str, seed: int, budget: float, random: float) -> list[dict]:
+    """One seed of one method: the same accuracy at every budget, another at every random configuration."""
+    rows = [
+        {"method": method, "seed": seed, "label": str(b), "kind": "budget", "accuracy": budget}
+        for b in lowbit_regime.BUDGETS
+    ]
+    rows += [
+        {"method": method, "seed": seed, "label": f"random-{i:02d}", "kind": "random", "accuracy": random}
+        for i in range(3)
+    ]
+    return rows
+
+
+def test_bars_are_differences_of_per_seed_means_over_shared_seeds() -> None:
+    rows = []
+    for seed, (search, off) in {42: (0.82, 0.80), 43: (0.81, 0.80), 44: (0.79, 0.80)}.items():
+        rows += _rows("coalora-search", seed, budget=search, random=search)
+        rows += _rows("shared-trainset", seed, budget=off, random=off)
+        rows += _rows("qlora", seed, budget=0.80, random=0.0)
+    rows += _rows("shared-trainset", 45, budget=0.0, random=0.0)  # a seed the default lacks: ignored
+    bar = lowbit_regime.bars(rows)
+    mean, std = bar["mapper_gain_random_points"]
+    assert mean == pytest.approx(2 / 3) and std == pytest.approx(1.5275, abs=1e-4)
+    assert bar["bar_mapper_random_met"] is False  # +0.67 < +1.0
+    assert bar["bar_mapper_every_budget_met"] is True
+    assert bar["gap_to_qlora_points"][0] == pytest.approx(2 / 3)
+    assert bar["bar_qlora_met"] is True
+    assert "search_minus_frozen_random_points" not in bar  # no coalora-frozen rows, no figure
+
+
+def test_the_sandwich_control_isolates_the_mapper_inside_the_sandwich() -> None:
+    rows = []
+    for seed in (42, 43):
+        rows += _rows("shared-trainset", seed, budget=0.78, random=0.78)
+        rows += _rows("coalora-sandwich", seed, budget=0.81, random=0.80)
+        rows += _rows("sandwich-mapper-off", seed, budget=0.815, random=0.80)
+    bar = lowbit_regime.bars(rows)
+    assert bar["mapper_gain_random_by_variant_points"]["coalora-sandwich"][0] == pytest.approx(2.0)
+    assert bar["sandwich_mapper_gain_random_points"][0] == pytest.approx(0.0)
+    assert bar["sandwich_mapper_gain_budgets_points"][0] == pytest.approx(-0.5)
+
+
+def test_the_plan_has_the_sandwich_control_with_the_mapper_off() -> None:
+    plan = dict(lowbit_regime.planned_runs())
+    on, off = plan["coalora-sandwich"], plan["sandwich-mapper-off"]
+    assert off[: len(on) - 4] == on[: len(on) - 4]  # the same config and sandwich flags
+    assert "--model.use_mapper" in off and "--model.use_mapper" not in on
