@@ -58,3 +58,22 @@ def test_the_plan_has_the_sandwich_control_with_the_mapper_off() -> None:
     on, off = plan["coalora-sandwich"], plan["sandwich-mapper-off"]
     assert off[: len(on) - 4] == on[: len(on) - 4]  # the same config and sandwich flags
     assert "--model.use_mapper" in off and "--model.use_mapper" not in on
+
+
+def test_every_mapper_control_differs_from_its_run_only_in_the_mapper_switch() -> None:
+    plan = dict(lowbit_regime.planned_runs())
+    for on, off in lowbit_regime.MAPPER_CONTROLS.values():
+        assert plan[off] == [*plan[on][:-4], "--model.use_mapper", "false", *plan[on][-4:]]
+    k4 = plan["coalora-k4"]
+    assert k4[k4.index("--model.configs_per_step") + 1] == "4"
+
+
+def test_the_k4_control_is_reported_against_its_own_mapper_off_run() -> None:
+    rows = []
+    for seed in (42, 43, 44):
+        rows += _rows("coalora-k4", seed, budget=0.80 + 0.01 * (seed - 42), random=0.81)
+        rows += _rows("k4-mapper-off", seed, budget=0.80, random=0.79)
+    bar = lowbit_regime.bars(rows)
+    assert bar["k4_mapper_gain_random_points"] == pytest.approx((2.0, 0.0))
+    assert bar["k4_mapper_gain_budgets_points"][0] == pytest.approx(1.0)
+    assert bar["k4_mapper_gain_budgets_points"][1] == pytest.approx(1.0)
