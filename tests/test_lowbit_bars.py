@@ -66,6 +66,7 @@ def test_every_mapper_control_differs_from_its_run_only_in_the_mapper_switch() -
         assert plan[off] == [*plan[on][:-4], "--model.use_mapper", "false", *plan[on][-4:]]
     k4 = plan["coalora-k4"]
     assert k4[k4.index("--model.configs_per_step") + 1] == "4"
+    assert k4[k4.index("--trainer.precision") + 1] == "32-true"  # both runs of the pair in fp32
 
 
 def test_the_k4_control_is_reported_against_its_own_mapper_off_run() -> None:
