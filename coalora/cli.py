@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from coalora.errors import CoaloraError
 from coalora.utils import one_line
@@ -149,6 +150,8 @@ def lightning_main(args: Sequence[str] | None):
             state["trainer"] = self.trainer
             state["folder"] = runs.RunFolder(self.trainer.log_dir or self.trainer.default_root_dir)
             held.release()  # the inputs are good: Lightning's messages (seed, devices) may show now
+            if stage == "fit":
+                warn_if_bf16_is_emulated(self.trainer)
 
         def before_fit(self) -> None:
             self._before_run("fit")
@@ -180,6 +183,22 @@ def lightning_main(args: Sequence[str] | None):
         raise
     finally:
         held.drop()
+
+
+def warn_if_bf16_is_emulated(trainer: Any) -> None:
+    """One line on stderr when bf16 autocast will run on a CPU that only emulates bf16 (many times slower
+    than fp32 there); the config's precision is kept: the numbers it gives are the user's choice."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from coalora.utils import cpu_has_native_bf16
+
+    on_cpu = isinstance(trainer.accelerator, CPUAccelerator)
+    if str(trainer.precision).startswith("bf16") and on_cpu and not cpu_has_native_bf16():
+        print(
+            f"warning: trainer.precision {trainer.precision} on a CPU without native bf16 "
+            "(AVX512-BF16/AMX) runs many times slower than fp32; pass --trainer.precision 32-true",
+            file=sys.stderr,
+        )
 
 
 #: jsonargparse's report of a bad value inside the chosen task class, nested in its Union report

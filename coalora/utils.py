@@ -106,3 +106,18 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles).
+
+    Without either, oneDNN emulates bf16: a MiniLM training step under bf16 autocast took 23x the fp32
+    step on a 2-core AVX2 EPYC (docs/results.md), so the demo trains in fp32 there and ``fit`` warns.
+    An unknown answer (torch without these probes) counts as native: nothing changes then.
+    """
+    probes = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    if all(probe is None for probe in probes):
+        return True
+    return any(bool(probe()) for probe in probes if probe is not None)

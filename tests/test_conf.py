@@ -70,3 +70,29 @@ def test_no_shipped_config_selects_a_checkpoint_on_the_dev_split():
             if callback["class_path"].endswith("ModelCheckpoint"):
                 monitor = (callback.get("init_args") or {}).get("monitor") or ""
                 assert not monitor.startswith(("val/", "test/")), path
+
+
+def test_demo_trains_in_fp32_where_the_cpu_only_emulates_bf16(monkeypatch):
+    from coalora import utils
+    from coalora.commands import demo
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert demo.precision_flags([]) == ["--trainer.precision", "32-true"]
+    assert demo.precision_flags(["--trainer.precision", "bf16-mixed"]) == []  # the user's choice wins
+    assert demo.precision_flags(["--trainer.precision=16-mixed"]) == []
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert demo.precision_flags([]) == []  # native bf16: the shipped config as it is
+
+
+def test_fit_in_bf16_warns_on_a_cpu_that_only_emulates_it(tiny_models_dir, tmp_path, monkeypatch, capsys):
+    from coalora import utils
+
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    args = ["fit", "--config", TINY, "--model.model_name", str(tiny_models_dir / "tiny-bert")]
+    args += [*_run_dir_args(tmp_path), "--trainer.max_steps", "1", "--trainer.precision", "bf16-mixed"]
+    assert main(args) == 0
+    assert "without native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert main(args) == 0
+    assert "without native bf16" not in capsys.readouterr().err
