@@ -84,7 +84,7 @@ def planned_runs() -> list[tuple[str, list[str]]]:
     # the third attempt: K = 4 configurations per step (each backward before the next forward) on the
     # frozen set, with its own mapper-off control: more configurations per step give the shared adapter a
     # harder compromise, which is what the mapper is there to relieve. In fp32 (training and evaluation):
-    # it first ran on a CPU without native bf16, where bf16 autocast was 23x slower than fp32
+    # it first ran on a CPU without native bf16, where bf16 autocast was 22-24x slower than fp32
     k4 = ["--config", f"{lowbit}/frozen.yaml", "--model.configs_per_step", "4", *FP32]
     runs.append(("coalora-k4", k4))
     runs.append(("k4-mapper-off", [*k4, "--model.use_mapper", "false"]))

@@ -111,7 +111,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX tiles).
 
-    Without either, oneDNN emulates bf16: a MiniLM training step under bf16 autocast took 23x the fp32
+    Without either, oneDNN emulates bf16: a MiniLM training step under bf16 autocast took 22-24x the fp32
     step on a 2-core AVX2 EPYC (docs/results.md), so the demo trains in fp32 there and ``fit`` warns.
     An unknown answer (torch without these probes) counts as native: nothing changes then.
     """
