@@ -234,9 +234,10 @@ def bars(rows: list[dict]) -> dict[str, object]:
     isolated = gap(per_seed("coalora-frozen", "random"), per_seed(ablation, "random"))
     if isolated:  # same frozen set, mapper on vs off: the mapper alone
         result["mapper_gain_random_frozen_vs_off_points"] = mean_std(isolated)
-    variants = sorted({r["method"] for r in rows if r["method"].startswith("coalora-")})
+    fp32 = {name for name, flags in planned_runs() if "32-true" in flags}  # the ablation ran in bf16
+    variants = sorted({r["method"] for r in rows if r["method"].startswith("coalora-")} - fp32)
     by_variant = {}
-    for method in variants:  # every CoA-LoRA variant against the mapper-off ablation, same seeds
+    for method in variants:  # every bf16 CoA-LoRA variant against the mapper-off ablation, same seeds
         found = gap(per_seed(method, "random"), per_seed(ablation, "random"))
         if found:
             by_variant[method] = mean_std(found)

@@ -78,3 +78,13 @@ def test_the_k4_control_is_reported_against_its_own_mapper_off_run() -> None:
     assert bar["k4_mapper_gain_random_points"] == pytest.approx((2.0, 0.0))
     assert bar["k4_mapper_gain_budgets_points"][0] == pytest.approx(1.0)
     assert bar["k4_mapper_gain_budgets_points"][1] == pytest.approx(1.0)
+
+
+def test_fp32_runs_are_not_set_against_the_bf16_ablation() -> None:
+    rows = []
+    for seed in (42, 43, 44):
+        rows += _rows("coalora-k4", seed, budget=0.80, random=0.81)
+        rows += _rows("coalora-frozen", seed, budget=0.80, random=0.80)
+        rows += _rows("shared-trainset", seed, budget=0.80, random=0.79)
+    by_variant = lowbit_regime.bars(rows)["mapper_gain_random_by_variant_points"]
+    assert set(by_variant) == {"coalora-frozen"}  # coalora-k4 has its own fp32 control
