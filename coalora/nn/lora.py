@@ -40,8 +40,10 @@ class LoRALinear(nn.Module):
         )
         self.rank = rank
         self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=base.weight.dtype))
+        # fp32 master weights whatever the base's dtype: an AdamW update at lr 1e-4 is about one bf16 ulp
+        # of a LoRA entry, so bf16 parameters would lose much of every step (issue #23); cast in forward
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         #: dequantized weight of the active configuration (None: the stored weight); not saved
@@ -75,10 +77,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.base_weight(), self.bias)
-        hidden = F.linear(self.dropout(x), self.lora_A)
+        hidden = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         if self.adjustment is not None:
             hidden = adjusted(hidden, self.adjustment)  # M·A·x per token
-        return out + self.scaling * F.linear(hidden, self.lora_B)
+        return out + self.scaling * F.linear(hidden, self.lora_B.to(hidden.dtype))
 
     def folded_B(self, adjustment: torch.Tensor | None = None) -> torch.Tensor:
         """B·M = B + B·D, summed in float64: with it the layer is a plain LoRA for one configuration (the

@@ -41,6 +41,27 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
+def train_head_in_fp32(model: nn.Module, names: list[str]) -> None:
+    """Make the trainable head parameters ``names`` fp32 master weights, whatever the base's dtype.
+
+    AdamW's update at a fine-tuning learning rate is about one bf16 ulp, so a bf16 head would lose much of
+    each step (issue #23). A module whose own parameters are widened gets a pre-hook that widens its
+    floating inputs too, so a bf16 backbone without autocast still runs; its output is then fp32.
+    """
+    widened: set[str] = set()
+    for name in names:
+        parameter = model.get_parameter(name)
+        if parameter.dtype.is_floating_point and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+            widened.add(name.rpartition(".")[0])
+    for module_name in sorted(widened):
+        model.get_submodule(module_name).register_forward_pre_hook(_widen_inputs)
+
+
+def _widen_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 def _lora_at(model: nn.Module, name: str) -> LoRALinear:
     layer = model.get_submodule(name)
     assert isinstance(layer, LoRALinear), name  # inject_lora put it there
@@ -76,8 +97,10 @@ class CoALoRAModel(nn.Module):
         self.types = module_types(targets)
         backbone.requires_grad_(False)
         inject_lora(backbone, targets, rank, alpha, dropout)
-        for name in head_parameter_names(backbone) if train_head else []:
+        head = head_parameter_names(backbone) if train_head else []
+        for name in head:
             backbone.get_parameter(name).requires_grad_(True)
+        train_head_in_fp32(backbone, head)
         self.backbone = backbone
         self.layers: list[LoRALinear] = [_lora_at(backbone, t.name) for t in targets]
         self.register_buffer(
@@ -94,6 +117,8 @@ class CoALoRAModel(nn.Module):
         )
         self.cache = QuantCache(cache_bytes, code_family, cache_mode)
         self._active: list[QuantOption | None] = [None] * len(self.layers)
+        #: whether layers hold weights pinned by :meth:`set_fixed_weights` (never a cached option's)
+        self._pinned = False
         self.active_config: QConfig | None = None
 
     def set_cache_mode(self, mode: CacheMode) -> None:
@@ -108,6 +133,7 @@ class CoALoRAModel(nn.Module):
         for layer in self.layers:
             layer.active_weight = None
         self._active = [None] * len(self.layers)
+        self._pinned = False
         self.active_config = None
         return super()._apply(fn, recurse)
 
@@ -117,8 +143,10 @@ class CoALoRAModel(nn.Module):
         options = (
             [None] * len(self.layers) if config is None else [config.matrices[n] for n in self.space.names]
         )
+        pinned, self._pinned = self._pinned, False
         for i, (layer, option) in enumerate(zip(self.layers, options, strict=True)):
-            if option == self._active[i] and (option is None or layer.active_weight is not None):
+            current = option == self._active[i] and (option is None or layer.active_weight is not None)
+            if current and not pinned:
                 continue
             name = self.space.names[i]
             layer.active_weight = None if option is None else self.cache.get(name, option, layer.weight)
@@ -129,7 +157,10 @@ class CoALoRAModel(nn.Module):
         """Pin precomputed dequantized weights (LQ-LoRA's Q(W − L)) for one configuration."""
         for i, layer in enumerate(self.layers):
             layer.active_weight = weights[self.space.names[i]]
-            self._active[i] = None  # force a refresh if another configuration is set later
+            self._active[i] = None
+        # the next set_config replaces every pinned weight, full precision (None) included: else
+        # set_config(None) would keep Q(W − L) and a "full-precision" teacher would be the student
+        self._pinned = True
         self.active_config = config
 
     def adjustments(self, config: QConfig) -> torch.Tensor:

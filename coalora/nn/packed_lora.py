@@ -62,9 +62,10 @@ class PackedLoRALinear(LoRALinear):
         with torch.no_grad():
             packed = quantize(base.weight, option, family)
         dtype = base.weight.dtype
-        lora_A = torch.empty(rank, base.in_features, dtype=dtype, device=base.weight.device)
+        # trainable adapters are fp32 master weights whatever the base's dtype (see LoRALinear)
+        lora_A = torch.empty(rank, base.in_features, dtype=torch.float32, device=base.weight.device)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        lora_B = torch.zeros(base.out_features, rank, dtype=dtype, device=base.weight.device)
+        lora_B = torch.zeros(base.out_features, rank, dtype=torch.float32, device=base.weight.device)
         bias = None if base.bias is None else base.bias.detach().clone()  # on a copy, as LoRALinear
         self.init_packed(packed, bias, lora_A, lora_B, alpha / rank, dtype, trainable=True)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -111,8 +112,11 @@ class PackedLoRALinear(LoRALinear):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)  # type: ignore[assignment]
         self.rank = int(lora_A.shape[0])
         self.scaling = scaling
-        self.lora_A = nn.Parameter(lora_A.detach().to(dtype), requires_grad=trainable)
-        self.lora_B = nn.Parameter(lora_B.detach().to(dtype), requires_grad=trainable)
+        #: the dense weight's dtype (each transient dequantization's); a trainable adapter stays fp32
+        self.weight_dtype = dtype
+        adapter_dtype = torch.float32 if trainable else dtype
+        self.lora_A = nn.Parameter(lora_A.detach().to(adapter_dtype), requires_grad=trainable)
+        self.lora_B = nn.Parameter(lora_B.detach().to(adapter_dtype), requires_grad=trainable)
         self.dropout = nn.Identity()
         self.active_weight = None
         self.adjustment = None
@@ -131,10 +135,10 @@ class PackedLoRALinear(LoRALinear):
 
     def base_weight(self) -> torch.Tensor:
         """The active dequantized weight if training set one, else a transient dequantization of the
-        packed parts (equal, bit for bit, to the dense path's weight), in the adapter's dtype."""
+        packed parts (equal, bit for bit, to the dense path's weight), in the model's weight dtype."""
         if self.active_weight is not None:
             return self.active_weight
-        return self.packed().dequantize().to(self.lora_A.dtype)
+        return self.packed().dequantize().to(self.weight_dtype)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -157,6 +161,8 @@ class PackedLoRALinear(LoRALinear):
             self._buffers[name] = tensor.reshape(-1).contiguous().view(torch.uint8)
         try:
             super()._apply(fn, recurse)
+            # a model-wide .half()/.to(dtype) moves the transient weights' dtype along with the model's
+            self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
         finally:
             for name, tensor in kept.items():
                 moved = self._buffers[name]
