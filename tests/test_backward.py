@@ -48,6 +48,30 @@ def test_one_backward_per_configuration_gives_the_summed_gradient(tiny_models_di
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def _step_gradient_bf16_mixed(task: ClassificationTask) -> torch.Tensor:
+    """As Lightning's bf16-mixed runs a step: the step inside CPU autocast, the returned loss's backward
+    outside it. Autocast's cast cache is off here: with it, the summed path's K forwards share one bf16
+    copy of each fp32 head weight, whose gradient then adds up the K shares in bf16 (the sequential
+    path adds them in fp32); that is the reference's rounding, not the defect under test."""
+    task.train()
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        loss = task.training_step(_batch(), 0)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in task.model.trainable_parameters()])
+
+
+def test_one_backward_per_configuration_gives_the_summed_gradient_in_bf16_mixed(tiny_models_dir):
+    """The early backwards leave the autocast region as Lightning's does: under bf16-mixed the shares add
+    up to the summed loss's gradient (issue #23: the mapper's and h + D·h's backward ran in bf16)."""
+    sequential = _task(tiny_models_dir, configs_per_step=3)
+    summed = _task(tiny_models_dir, configs_per_step=3, backward_per_config=False)
+    expected = _step_gradient_bf16_mixed(summed)
+    got = _step_gradient_bf16_mixed(sequential)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-8)
+
+
 class _SavedBytes:
     """Bytes autograd holds for backward, and their peak, through saved-tensor hooks."""
 

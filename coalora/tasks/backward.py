@@ -13,6 +13,8 @@ the step, on the same batches (the first of every accumulation window).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,13 +33,33 @@ def backward_now(trainer: Any, loss: torch.Tensor) -> None:
     gradients accumulate locally and the backward Lightning runs afterwards synchronises their sum: once
     per step, not K times (``tests/ddp_probe.py`` counts the all-reduces). Lightning's backward hooks
     (``on_before_backward``/``on_after_backward``) still run once per step, on the last share.
+
+    The step runs inside Lightning's autocast region, but Lightning back-propagates the returned loss
+    outside it; so does this one. On the CPU the backward runs in the calling thread, where an enabled
+    autocast would recast the backward of the regions deliberately kept in fp32 (the mapper, h + D·h) to
+    bf16 for K − 1 of the K shares, and their sum would not be the summed loss's gradient (issue #23).
     """
     if trainer is not None:
         loss = loss / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:
             loss = scaler.scale(loss)
-    loss.backward()
+    with autocast_disabled():
+        loss.backward()
+
+
+@contextlib.contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """Leave every autocast region that is on now (CPU and accelerator alike) for the duration."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda", "mps", "xpu"):
+            try:
+                enabled = torch.is_autocast_enabled(device)
+            except (RuntimeError, TypeError):  # a device type this torch build does not know
+                continue
+            if enabled:
+                stack.enter_context(torch.autocast(device_type=device, enabled=False))
+        yield
 
 
 def check_backward_strategy(strategy: Strategy, backward_per_config: bool) -> None:
