@@ -232,3 +232,38 @@ def test_mapper_lr_moves_only_the_mapper_faster(tiny_models_dir):
     assert mapper_last == pytest.approx(1e-2, rel=0.05)
     plain = _module(tiny_models_dir, lr=1e-4).configure_optimizers()
     assert len(plain.param_groups) == 1  # unset: one group at lr, as before
+
+
+def test_lqlora_teacher_runs_on_the_full_precision_weights(tiny_models_dir):
+    """With distillation, the sandwich's teacher is full precision: LQ-LoRA's pinned Q(W − L) must not
+    survive ``set_config(None)`` (issue #23: the teacher was the quantized student, distillation a no-op)."""
+    torch.manual_seed(0)
+    module = _module(tiny_models_dir, method="lqlora", train_budget=3.0, distill_weight=1.0, lqlora_iters=1)
+    batch = {
+        "input_ids": torch.randint(1000, 2000, (4, 8)),
+        "attention_mask": torch.ones(4, 8, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
+    module.eval()
+    (config,) = module.sample_configs()
+    student = module(batch, config)
+    pinned = [layer.base_weight() for layer in module.model.layers]
+    assert all(not torch.equal(p, layer.weight) for p, layer in zip(pinned, module.model.layers))
+    teacher_weights: list[list[torch.Tensor]] = []
+    real = module.forward
+
+    def recording(b, c):
+        out = real(b, c)
+        teacher_weights.append([layer.base_weight() for layer in module.model.layers])
+        return out
+
+    module.forward = recording
+    module.train()
+    module.training_step(batch, 0)
+    for used, layer in zip(teacher_weights[0], module.model.layers):  # the teacher: W itself
+        assert torch.equal(used, layer.weight)
+    for used, kept in zip(teacher_weights[1], pinned):  # then the student: Q(W − L) again
+        assert torch.equal(used, kept)
+    module.eval()
+    teacher = module(batch, None)
+    assert not torch.allclose(teacher, student, atol=1e-4)
