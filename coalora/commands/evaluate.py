@@ -32,8 +32,8 @@ def check_arguments(args: argparse.Namespace) -> Path:
         check_budget(budget)
     from coalora.tasks.checkpoint import read_checkpoint
 
-    for path in args.ckpt:  # every checkpoint readable before the first is evaluated (weights only)
-        read_checkpoint(path)
+    for path in args.ckpt:  # every checkpoint readable, with a split to report, before any model loads
+        report_split(read_checkpoint(path), args.split)
     check_input_files(args.qconfig, "qconfig file", "write one with `coalora allocate --out`")
     if args.glue_dir is not None and not Path(args.glue_dir).expanduser().is_dir():
         raise CoaloraError(f"--glue-dir '{args.glue_dir}' is not a folder; pass the data folder")
@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split",
         choices=("validate", "test"),
         default=None,
-        help="GLUE: dev either way (test labels are hidden); LM: default test if the run has test_files",
+        help="GLUE: dev either way (test labels are hidden); LM: default test if the run has test_files "
+        "(validation without val_files is refused: that is the search split)",
     )
     parser.add_argument(
         "--eval-limit", type=arg(POSITIVE_INT), default=None, help="use only the first N examples/blocks"
@@ -79,14 +80,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=arg(SEED), default=0, help="seed for --random and --seen")
 
 
-def _eval_loader(module: CoALoRATask, args: argparse.Namespace, data_hparams: dict):
+def report_split(checkpoint: dict, requested: str | None) -> str:
+    """The split a checkpoint is reported on: GLUE's dev either way (``test`` reads dev too), an LM's test
+    text if it has some, else its validation text, never the search split (see ``evaluation_split``)."""
+    from coalora.data.text_datamodule import evaluation_split
+    from coalora.tasks.causal_lm import CausalLMTask
+    from coalora.tasks.checkpoint import task_class
+
+    if issubclass(task_class(checkpoint), CausalLMTask):
+        return evaluation_split(dict(checkpoint.get("datamodule_hyper_parameters", {})), requested)
+    return requested or "validate"
+
+
+def _eval_loader(module: CoALoRATask, args: argparse.Namespace, checkpoint: dict):
     """The split to report on, with the training run's data arguments: GLUE dev, or the LM's test text."""
+    data_hparams = dict(checkpoint.get("datamodule_hyper_parameters", {}))
     overrides = dict(data_hparams, eval_batch_size=args.batch_size, eval_limit=args.eval_limit)
     if args.glue_dir is not None:
         overrides.update(glue_dir=args.glue_dir, data_dir=args.glue_dir)
     overrides.update(search_size=0)  # GLUE: no search split needed to evaluate
     data = module.data_module(**overrides)
-    split = args.split or ("test" if getattr(data.hparams, "test_files", None) else "validate")
+    split = report_split(checkpoint, args.split)
     data.setup(split)
     return data.test_dataloader() if split == "test" else data.val_dataloader()
 
@@ -134,13 +148,13 @@ def run(args: argparse.Namespace) -> int:
     names: dict[str, int] = {}
     for path in args.ckpt:
         module = load_task(path)
-        data_hparams = dict(read_checkpoint(path).get("datamodule_hyper_parameters", {}))
+        checkpoint = read_checkpoint(path)
         if task is not None and module.evaluation_name != task:
             raise CoaloraError(
                 f"checkpoints are for different tasks ({task}, {module.evaluation_name}); evaluate separately"
             )
         task = module.evaluation_name
-        loader = _eval_loader(module, args, data_hparams)
+        loader = _eval_loader(module, args, checkpoint)
         seen = set(module.trained_on)  # configurations a training step used, not the final set
         method = module.method.name
         items = configs_to_evaluate(module, args)

@@ -1,9 +1,10 @@
 """The language-modelling LightningDataModule: documents tokenized with the backbone's tokenizer, joined with
 EOS and packed into ``block_size`` blocks; a seeded held-out *search split* of training blocks scores the
-configuration search (and validates when no validation files are given)."""
+configuration search (and validates during training when no validation files are given)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,38 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SOURCES = ("auto", "local", "hub")
+
+
+def source_kind(source: str, train_files: object) -> str:
+    """``local`` or ``hub``: what ``source`` means, ``auto`` being local when training files are given."""
+    return ("local" if train_files else "hub") if source == "auto" else source
+
+
+def evaluation_split(data_hparams: Mapping[str, Any], requested: str | None) -> str:
+    """The split ``coalora evaluate`` reports on for a run with these saved data arguments: ``requested``,
+    else ``test`` when the run has test text, else ``validate``.
+
+    A local run without ``val_files`` validated on its search split during training, which is fine for
+    watching training but not for a report: the search used those blocks to choose the training
+    configurations. So a report that would land there is refused, before any model loads.
+    """
+    has_test, has_val = bool(data_hparams.get("test_files")), bool(data_hparams.get("val_files"))
+    split = requested or ("test" if has_test else "validate")
+    if split == "test" and not has_test:
+        fix = "leave out --split test" if has_val else "fit with data.test_files set to held-out text"
+        raise CoaloraError(f"no test text: the run has no data.test_files; {fix}")
+    kind = source_kind(data_hparams.get("source", "auto"), data_hparams.get("train_files"))
+    if split == "validate" and kind == "local" and not has_val:
+        fix = (
+            "use --split test"
+            if has_test
+            else "fit with data.val_files (or data.test_files) of held-out text"
+        )
+        raise CoaloraError(
+            "no validation text: the run has no data.val_files, and its search split chose the training "
+            f"configurations so cannot be reported; {fix}"
+        )
+    return split
 
 
 class BlockDataset(Dataset):
@@ -79,15 +112,17 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
         Args:
             model_name: the backbone, whose tokenizer encodes the text (linked from the task).
             train_files, val_files, test_files: files or folders (see :mod:`coalora.data.text_files`); a
-                relative path is also looked up in ``data_dir``. No ``val_files``: validate on the search
-                split.
+                relative path is also looked up in ``data_dir``. No ``val_files``: training validates on
+                the search split (``coalora evaluate`` refuses to report it).
             data_dir: the data folder (default ``$GLUE_DIR``, else ``../shared/data``).
             source: ``local`` files, ``hub`` (stream ``hub_dataset``/``hub_config``), or ``auto`` (local
                 when ``train_files`` is given).
             hub_train_documents, hub_eval_documents: documents streamed from the hub's train and validation.
             block_size: tokens per training example (at most the model's context length).
             search_blocks: training blocks held out to score configurations (0 disables the search split).
-            train_limit, eval_limit: use only this many blocks (quick runs).
+            train_limit, eval_limit: use only this many blocks (quick runs); ``eval_limit`` caps every
+                split that is validated or tested, the search split included when it stands in for
+                validation (the search's own scoring uses ``search_blocks``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -125,8 +160,7 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
 
     @property
     def kind(self) -> str:
-        source = self.hparams.source
-        return ("local" if self.hparams.train_files else "hub") if source == "auto" else source
+        return source_kind(self.hparams.source, self.hparams.train_files)
 
     @property
     def data_dir(self) -> Path | None:
@@ -222,9 +256,18 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
         return self._loader(self.train_set, self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation files if given, else the held-out search split (never the test text)."""
+        """Validation files if given, else the held-out search split (never the test text), cut to
+        ``eval_limit`` blocks like any evaluated split.
+
+        The fallback keeps a run without validation text able to watch its training (and its checkpoint
+        callbacks able to monitor ``val/*``); being the blocks the search scored, it is no report, so
+        ``coalora evaluate`` refuses it (:func:`evaluation_split`).
+        """
         if self.val_set is None and not self.hparams.val_files and self.kind == "local":
-            return self.search_dataloader()
+            search = self._search_set()
+            return self._loader(
+                BlockDataset(search.blocks[: self.hparams.eval_limit]), self.hparams.eval_batch_size
+            )
         return self._loader(self.val_set, self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
@@ -232,10 +275,14 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
             raise CoaloraError("no test text: set data.test_files to the files to report perplexity on")
         return self._loader(self.test_set, self.hparams.eval_batch_size)
 
-    def search_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """The held-out search blocks, in a fixed order, for scoring quantization configurations."""
+    def _search_set(self) -> BlockDataset:
         if self.hparams.search_blocks == 0:
             raise CoaloraError("the search split is disabled (search_blocks=0); set search_blocks > 0")
         if self.search_set is None:
             self._setup_train()
-        return self._loader(self.search_set, batch_size or self.hparams.eval_batch_size)
+        assert self.search_set is not None
+        return self.search_set
+
+    def search_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The held-out search blocks, in a fixed order, for scoring quantization configurations."""
+        return self._loader(self._search_set(), batch_size or self.hparams.eval_batch_size)
