@@ -1,12 +1,15 @@
 """Small helpers every room uses: thread limits, quiet transformers, one-line error text, budget labels,
-the cache folder and atomic writes. Imports nothing of coalora, so every room may use it."""
+the cache folder, atomic writes and the model inputs taken from tokenizer output. Imports nothing of
+coalora, so every room may use it."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,3 +124,28 @@ def cpu_has_native_bf16() -> bool:
     if all(probe is None for probe in probes):
         return True
     return any(bool(probe()) for probe in probes if probe is not None)
+
+
+#: the parameters each module class's ``forward`` names (None: it names none), filled on first use
+_FORWARD_NAMES: dict[type[torch.nn.Module], frozenset[str] | None] = {}
+
+
+def _forward_names(cls: type[torch.nn.Module]) -> frozenset[str] | None:
+    """The parameters ``cls.forward`` names (None: it names none, a wrapper handing ``**kwargs`` on)."""
+    if cls not in _FORWARD_NAMES:
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        parameters = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+        _FORWARD_NAMES[cls] = frozenset(p.name for p in parameters if p.kind in named) or None
+    return _FORWARD_NAMES[cls]
+
+
+def model_inputs(model: torch.nn.Module, encoding: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a tokenizer output (or a collated batch) that ``model``'s forward names, unchanged.
+
+    A signature check alone is not enough: decoders such as LLaMA take ``**kwargs``, so a WordPiece
+    tokenizer's ``token_type_ids`` would pass it, and ``generate`` then refuses them; only explicitly
+    named parameters are kept (BERT names ``token_type_ids``). ``labels`` are never passed: callers
+    compute their own loss. A forward that names nothing (a wrapper) gets every other entry.
+    """
+    names = _forward_names(type(model))
+    return {k: v for k, v in encoding.items() if k != "labels" and (names is None or k in names)}

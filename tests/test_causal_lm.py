@@ -356,3 +356,99 @@ def test_allocate_for_a_decoder_with_a_fisher_from_text(tiny_models_dir, tmp_pat
     task = _task(model)
     config = task.model.space.load(next(out.glob("*.json")))  # the task's matrix names
     assert abs(task.model.space.avg_bits(config) - 3.0) < 0.01
+
+
+@pytest.fixture(scope="module")
+def search_only_run(tiny_models_dir, tmp_path_factory) -> Path:
+    """A trained tiny LM whose local text has neither val nor test files: training validated on the
+    search split, as designed for watching a run."""
+    root = tmp_path_factory.mktemp("search_only")
+    args = ["fit", "--config", TINY, "--model.model_name", str(tiny_models_dir / "tiny-llama-lm")]
+    args += ["--data.val_files", "null", "--data.test_files", "null", *_run_args(root)]
+    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        assert main(args) == 0
+    metrics = next((root / "run").rglob("metrics.csv")).read_text()
+    assert "val/ppl" in metrics  # training-time validation ran, on the search split
+    return next((root / "run").rglob("last.ckpt"))
+
+
+def _with_test_files(ckpt: Path, folder: Path) -> Path:
+    """A copy of ``ckpt`` whose saved data arguments also name the test text."""
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["test_files"] = [str(TEXT / "test.txt")]
+    path = folder / "with_test.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def _listing(*folders: Path) -> set[Path]:
+    return {p for folder in folders for p in folder.rglob("*")}
+
+
+def test_evaluate_refuses_to_report_the_search_split(search_only_run, tmp_path, capsys, monkeypatch):
+    """No val or test text: 'validate' would be the search split, which chose the training configurations.
+    One line naming the fix, before any model loads, nothing written."""
+
+    def no_work(path):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("coalora.tasks.checkpoint.load_task", no_work)
+    with_test = _with_test_files(search_only_run, tmp_path)
+    cases = [
+        (["--ckpt", str(search_only_run)], "data.val_files (or data.test_files)"),
+        (["--ckpt", str(search_only_run), "--split", "test"], "fit with data.test_files"),
+        (["--ckpt", str(with_test), "--split", "validate"], "use --split test"),
+        (["--ckpt", str(with_test), str(search_only_run), "--out", str(tmp_path / "eval")], "val_files"),
+    ]
+    for args, fix in cases:
+        before = _listing(tmp_path, search_only_run.parents[1])
+        capsys.readouterr()
+        assert main(["evaluate", *args]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("coalora: error:") and fix in lines[0], err
+        assert "Traceback" not in err
+        assert _listing(tmp_path, search_only_run.parents[1]) == before
+    assert "search split" in lines[0]
+
+
+def test_eval_limit_caps_every_split(tiny_models_dir):
+    """Validation, test and the search split standing in for validation all stop at eval_limit blocks;
+    the search's own scoring keeps its search_blocks."""
+    model = tiny_models_dir / "tiny-llama-lm"
+
+    def blocks(loader) -> int:
+        return sum(len(batch["input_ids"]) for batch in loader)
+
+    data = _data(model, eval_limit=2, eval_batch_size=1)
+    data.setup("fit")
+    data.setup("test")
+    assert blocks(data.val_dataloader()) == blocks(data.test_dataloader()) == 2
+    search_only = _data(model, val_files=None, test_files=None, eval_limit=2, eval_batch_size=1)
+    search_only.setup("fit")
+    assert blocks(search_only.val_dataloader()) == 2
+    assert blocks(search_only.search_dataloader()) == 4
+
+
+def test_evaluate_applies_eval_limit_to_the_reported_split(search_only_run, tmp_path, monkeypatch):
+    from coalora.commands import evaluate
+
+    seen: list[int] = []
+    evaluate_config = evaluate.evaluate_config
+
+    def counting(module, loader, config):
+        batches = list(loader)
+        seen.append(sum(len(batch["input_ids"]) for batch in batches))
+        return evaluate_config(module, batches, config)
+
+    monkeypatch.setattr(evaluate, "evaluate_config", counting)
+    ckpt = _with_test_files(search_only_run, tmp_path)
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", "--ckpt", str(ckpt), "--eval-limit", "3", "--batch-size", "2", "--out", str(out)])
+        == 0
+    )
+    assert seen == [3]
+    assert json.loads((out / "eval.json").read_text())["results"][0]["ppl"] > 1

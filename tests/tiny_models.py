@@ -138,3 +138,24 @@ def tiny_glue_data(model_dir: Path, glue_dir: Path, **overrides):
         search_size=0,
     )
     return GLUEDataModule(**{**args, **overrides})
+
+
+def save_wordpiece_llama(folder: Path, causal: bool = True) -> Path:
+    """A tiny random LLaMA saved with MiniLM's WordPiece tokenizer, its ``[SEP]`` set as EOS: a decoder
+    whose tokenizer returns ``token_type_ids``, which LLaMA's forward does not name (issue 23, item 6)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from coalora.pretrained import DEFAULT_MODEL, resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
+    tokenizer.eos_token = tokenizer.sep_token
+    config = tiny_config("llama")
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.bos_token_id = tokenizer.cls_token_id
+    config.eos_token_id = tokenizer.sep_token_id
+    torch.manual_seed(0)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    auto.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

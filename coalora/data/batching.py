@@ -10,7 +10,8 @@ from torch.utils.data import Dataset, RandomSampler
 
 from coalora.errors import CoaloraError
 
-#: tokenizer outputs a batch carries, with the value that pads each (None: the tokenizer's pad id).
+#: tokenizer outputs a batch carries, with the value that pads each (None: the tokenizer's pad id); the
+#: task passes the model only those its forward names (:func:`coalora.utils.model_inputs`).
 PADDED_KEYS: tuple[tuple[str, int | None], ...] = (
     ("input_ids", None),
     ("attention_mask", 0),

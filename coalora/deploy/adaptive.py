@@ -25,7 +25,7 @@ from coalora.nn.weight_cache import CacheMode
 from coalora.pretrained import load_tokenizer
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.tasks.checkpoint import load_task
-from coalora.utils import intra_op_threads
+from coalora.utils import intra_op_threads, model_inputs
 
 if TYPE_CHECKING:
     from coalora.tasks.base import CoALoRATask
@@ -113,8 +113,9 @@ class AdaptiveModel:
         if not self.adapted:
             raise CoaloraError("choose a configuration first: call adapt(budget or qconfig)")
         device = self.module.model.block_ids.device
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        return self.module.model.backbone(**inputs).logits
+        backbone = self.module.model.backbone
+        inputs = {k: v.to(device) for k, v in model_inputs(backbone, batch).items()}
+        return backbone(**inputs).logits
 
     def predict(
         self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32, max_length: int = 128

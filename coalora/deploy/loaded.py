@@ -26,7 +26,7 @@ from coalora.nn.lora import LoRALinear
 from coalora.nn.packed_lora import PackedLoRALinear
 from coalora.quant.qconfig import QConfig
 from coalora.quant.targets import discover_targets
-from coalora.utils import first_line, intra_op_threads, quiet_transformers
+from coalora.utils import first_line, intra_op_threads, model_inputs, quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -244,7 +244,7 @@ def generate_texts(
     finally:
         tokenizer.padding_side = side
     settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id, **generate_kwargs}
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, **settings)
+    output = model.generate(**model_inputs(model, batch), max_new_tokens=max_new_tokens, **settings)
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -268,8 +268,8 @@ class DeployedModel(nn.Module):
         return float(self.metadata["avg_bits"])
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(**inputs).logits
+        """Logits of a tokenized batch; only the inputs the model's forward names reach it."""
+        return self.model(**model_inputs(self.model, batch)).logits
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from coalora.errors import CoaloraError
 from coalora.pretrained import load_tokenizer, resolve_model_path
 from coalora.quant.targets import TargetMatrix, discover_targets, weights_fingerprint
-from coalora.utils import quiet_transformers
+from coalora.utils import model_inputs, quiet_transformers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -165,10 +165,8 @@ def _lm_loss(
             return None
     if int((labels != -100).sum()) == 0:
         return None
-    kwargs = {"attention_mask": attention}
-    if "token_type_ids" in enc:
-        kwargs["token_type_ids"] = enc["token_type_ids"]
-    return model(input_ids=inputs, labels=labels, **kwargs).loss
+    kwargs = {**model_inputs(model, enc), "input_ids": inputs}  # BERT's token_type_ids; no decoder's
+    return model(labels=labels, **kwargs).loss
 
 
 def mask_tokens(

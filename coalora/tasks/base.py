@@ -39,7 +39,7 @@ from coalora.tasks.metrics import ConfigurationMetrics
 from coalora.tasks.optimizer import build_optimizer
 from coalora.tasks.seeding import BatchSeededDropout
 from coalora.tasks.validation import check_task_arguments
-from coalora.utils import budget_label
+from coalora.utils import budget_label, model_inputs
 
 #: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
 TASK_TYPES: dict[str, type[CoALoRATask]] = {}
@@ -299,10 +299,10 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
 
     # -- steps ------------------------------------------------------------------------------------------
     def forward(self, batch: dict, config: QConfig | None) -> torch.Tensor:
-        """The backbone's logits for ``batch`` under ``config`` (``labels`` are not passed to it)."""
+        """The backbone's logits for ``batch`` under ``config``: only the inputs its forward names (no
+        ``labels``, no ``token_type_ids`` for a decoder) are passed to it."""
         self.activate(config)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(config, **inputs).logits
+        return self.model(config, **model_inputs(self.model.backbone, batch)).logits
 
     def batch_loss(self, batch: dict, config: QConfig | None) -> torch.Tensor:
         """The loss of ``batch`` under ``config`` (the search scores configurations with it)."""

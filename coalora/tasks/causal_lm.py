@@ -1,9 +1,9 @@
 """Causal language modelling (LLaMA, Qwen2, Mistral-style decoders): the paper's LLM experiments (SPEC §7).
 
 Next-token cross-entropy on packed text blocks; perplexity = exp(mean token NLL over every evaluation
-token) per evaluation configuration, through torchmetrics' ``Perplexity`` (it accumulates the total NLL
-and the token count, so it is not a mean of per-batch perplexities). Only LoRA and the mapper train:
-``lm_head`` and the embeddings stay frozen, tied or not.
+token) per evaluation configuration, through :class:`~coalora.tasks.lm_metrics.TokenPerplexity` (it
+accumulates the total NLL and the token count, so it is not a mean of per-batch perplexities). Only LoRA
+and the mapper train: ``lm_head`` and the embeddings stay frozen, tied or not.
 """
 
 from __future__ import annotations
@@ -14,15 +14,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.text import Perplexity
 
 from coalora.data.text_datamodule import TextDataModule
 from coalora.errors import CoaloraError
 from coalora.pretrained import ENCODER_TYPES, load_causal_lm, model_type
 from coalora.tasks.base import CoALoRATask
+from coalora.tasks.lm_metrics import IGNORE_INDEX, TokenPerplexity
+from coalora.utils import model_inputs
 
-#: label value the loss and the perplexity skip (padding, and the position after a block's last token)
-IGNORE_INDEX = -100
 #: the text data module's arguments that a checkpoint's saved data arguments may set
 TEXT_ARGUMENTS = frozenset(inspect.signature(TextDataModule.__init__).parameters) - {"self"}
 
@@ -95,8 +94,7 @@ class CausalLMTask(CoALoRATask):
     def forward(self, batch: dict, config: Any) -> torch.Tensor:
         """Logits ``(B, T, V)``; no KV cache during training and evaluation."""
         self.activate(config)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return self.model(config, use_cache=False, **inputs).logits
+        return self.model(config, use_cache=False, **model_inputs(self.model.backbone, batch)).logits
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> torch.Tensor:
         logits = outputs[:, :-1].float()
@@ -113,10 +111,11 @@ class CausalLMTask(CoALoRATask):
         return nn.functional.kl_div(student, target, log_target=True, reduction="batchmean")
 
     def new_metrics(self) -> MetricCollection:
-        return MetricCollection({"ppl": Perplexity(ignore_index=IGNORE_INDEX)})
+        return MetricCollection({"ppl": TokenPerplexity(ignore_index=IGNORE_INDEX)})
 
     def metric_inputs(self, outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return outputs[:, :-1].float(), next_token_targets(batch)
+        """The logits in their own dtype (the metric casts a slice at a time) and the next tokens."""
+        return outputs[:, :-1], next_token_targets(batch)
 
     def data_module(self, **overrides: Any) -> TextDataModule:
         hp = self.hparams
