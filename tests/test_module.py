@@ -143,8 +143,10 @@ def test_every_method_trains_only_its_trainable_parameters(method, tiny_models_d
     assert any("mapper" in k for k in changed) == (method == "coalora")
 
 
-def test_evaluation_budgets_are_solved_without_a_time_limit(tiny_models_dir, monkeypatch):
-    """A time-limited solve depends on the machine's load: reported configurations must not."""
+def test_every_budget_is_solved_without_a_time_limit(tiny_models_dir, monkeypatch):
+    """A time-limited solve depends on the machine's load: neither the reported configurations nor the
+    training grid may use one (issue 23 item 7; tests/test_knapsack_determinism.py checks HiGHS's path and
+    the answers on a slow machine)."""
     import coalora.quant.knapsack as knapsack
 
     limits: list = []
@@ -157,13 +159,8 @@ def test_evaluation_budgets_are_solved_without_a_time_limit(tiny_models_dir, mon
     monkeypatch.setattr(knapsack, "milp", recording)
     monkeypatch.setenv("COALORA_CACHE", str(tiny_models_dir.parent / "fresh-allocation-cache"))
     module = _module(tiny_models_dir, eval_budgets=[3.1, 3.7], train_budgets=[2.7])
-    _ = module.eval_configs
-    evaluation = list(limits)
-    _ = module.train_configs
-    assert evaluation and all(limit is None for limit in evaluation)
-    assert limits[len(evaluation) :] and all(
-        limit == knapsack.MIP_TIME_LIMIT_S for limit in limits[len(evaluation) :]
-    )
+    assert module.eval_configs and module.train_configs
+    assert all(limit is None for limit in limits)  # the tiny model's sizes even skip HiGHS altogether
 
 
 def test_stratified_draw_always_includes_a_low_bit_configuration(tiny_models_dir):

@@ -1,7 +1,8 @@
 """From a bit budget to a configuration (SPEC §2.5): the error table's least-error choice within the budget.
 
-Costs are bits(c) * numel_i per matrix; :mod:`coalora.quant.knapsack` solves the choice exactly. Allocations
-are remembered on disk per (error table, budget), so a run allocates its training grid once.
+Costs are bits(c) * numel_i per matrix; :mod:`coalora.quant.knapsack` solves the choice exactly (or to a
+fixed relative gap), never against the clock. Allocations are remembered on disk per (error table, budget,
+solver), so a run allocates its training grid once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.error_table import cached_error_table
-from coalora.quant.knapsack import solve_mckp
+from coalora.quant.knapsack import SOLVER_ID, solve_mckp
 from coalora.quant.options import OPTION_SPACE, QuantOption
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.utils import default_cache_dir
@@ -61,12 +62,11 @@ def allocate(
     errors: torch.Tensor | np.ndarray,
     budget_bits: float,
     options: Sequence[QuantOption] = OPTION_SPACE,
-    time_limit_s: float | None = None,
 ) -> QConfig:
     """The configuration with least total error whose avg_bits does not exceed ``budget_bits``.
 
-    Without ``time_limit_s`` the answer depends only on the table and the budget (to the solver's relative
-    gap); a time limit trades that for speed (see :data:`~coalora.quant.knapsack.MIP_TIME_LIMIT_S`).
+    The answer depends only on the table and the budget, not on how long the solve took: the training
+    grid, the evaluation budgets and every machine get the same configurations.
     """
     check_budget(budget_bits, options)
     errors = np.asarray(errors, dtype=np.float64)
@@ -76,7 +76,7 @@ def allocate(
             "recompute it for this model"
         )
     costs, capacity = _integer_costs(space, options, budget_bits)
-    choice = solve_mckp(errors, costs, capacity, time_limit_s)
+    choice = solve_mckp(errors, costs, capacity)
     return space.make(options[j] for j in choice)
 
 
@@ -85,22 +85,35 @@ def cached_allocate(
     errors: torch.Tensor | np.ndarray,
     budget_bits: float,
     cache_dir: str | os.PathLike | None = None,
-    time_limit_s: float | None = None,
 ) -> QConfig:
-    """:func:`allocate`, remembered on disk per (error table, budget, time limit): a run allocates its grid
-    once. Time-limited and unlimited solutions are cached apart: only the unlimited ones are reproducible."""
-    table = np.ascontiguousarray(np.asarray(errors, dtype=np.float64))
-    digest = hashlib.sha256(table.tobytes() + "|".join(space.names).encode()).hexdigest()[:16]
-    limit = "" if time_limit_s is None else f"-t{time_limit_s:g}"
-    path = Path(cache_dir or default_cache_dir()) / "allocations" / f"{digest}-{budget_bits:.4f}{limit}.json"
+    """:func:`allocate`, remembered on disk per (error table, budget, solver): a run allocates its grid once.
+
+    The key hashes the table's shape and values and the matrix names, and names the solver
+    (:data:`~coalora.quant.knapsack.SOLVER_ID`), so an entry that another table or solver wrote is never
+    served (entries of the old time-limited solver, keyed without it, are ignored)."""
+    path = allocation_cache_path(space, errors, budget_bits, cache_dir)
     if path.is_file():
         try:
             return space.validate(QConfig.load(path))
         except CoaloraError:
             pass  # a stale or damaged entry: recompute it
-    config = allocate(space, table, budget_bits, time_limit_s=time_limit_s)
+    config = allocate(space, errors, budget_bits)
     space.save(config, path)
     return config
+
+
+def allocation_cache_path(
+    space: ConfigSpace,
+    errors: torch.Tensor | np.ndarray,
+    budget_bits: float,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Where :func:`cached_allocate` keeps the configuration for this table, budget and solver."""
+    table = np.ascontiguousarray(np.asarray(errors, dtype=np.float64))
+    key = f"{table.shape}|{'|'.join(space.names)}".encode()
+    digest = hashlib.sha256(table.tobytes() + key).hexdigest()[:16]
+    name = f"{digest}-{budget_bits:.4f}-{SOLVER_ID}.json"
+    return Path(cache_dir or default_cache_dir()) / "allocations" / name
 
 
 def _integer_costs(

@@ -1,7 +1,10 @@
 """The multiple-choice knapsack behind allocation: one option per matrix, least total error, cost capped.
 
-Solved exactly by HiGHS (``scipy.optimize.milp``) after dominated options are dropped, with a Lagrangian
-greedy solution as a floor. No model or configuration types here: plain (N, K) error and cost arrays.
+Dominated options are dropped, then every option that the Lagrangian bound proves cannot beat the greedy
+solution. Integer costs small enough (every encoder, the tests' tiny models) are solved exactly by a dynamic
+program over the capacity; anything else by HiGHS (``scipy.optimize.milp``) to a relative gap, never to a
+wall-clock limit: the answer is a function of the table and the budget alone, whatever the machine's load.
+No model or configuration types here: plain (N, K) error and cost arrays.
 """
 
 from __future__ import annotations
@@ -39,26 +42,30 @@ def pareto_options(errors: np.ndarray, costs: np.ndarray) -> list[int]:
     return kept
 
 
-#: HiGHS stops within this relative gap of the optimum's error: near-tied tables (random or tiny weights)
-#: otherwise take minutes to prove optimality for a 1e-4 difference that no accuracy number can see. The
-#: gap is a property of the problem, so the answer is the same on every machine.
+#: HiGHS (problems too large for the dynamic program) stops within this relative gap of the optimum's error.
+#: The gap is a property of the problem, not of the machine, so the answer is the same everywhere; no time
+#: limit is ever set, since one would make the answer depend on the machine's speed and load.
 MIP_REL_GAP = 1e-4
-#: A time bound callers may add (the training grid's 54 budgets): then the answer depends on the machine's
-#: speed and load, so configurations that are reported (evaluation budgets) are never solved with one.
-MIP_TIME_LIMIT_S = 2.0
+#: The dynamic program runs when (capacity units above the cheapest choice) x (options kept) is at most
+#: this: a few seconds of numpy. MiniLM's 36 x 432 table needs at most 2.2e8 (0.75 s, at 8.1 bits), the
+#: tests' tiny models far less; a 7B decoder's capacity alone is ~1e7 units, so it goes to HiGHS.
+DP_MAX_WORK = 1e9
+#: ... and when its table of choices (matrices x capacity units, int16) stays under ~200 MB.
+DP_MAX_CELLS = 1e8
+#: Names the solver in allocation cache keys: change it whenever the same table and budget could get another
+#: choice (gap, dynamic-program limits, pruning), so that no cache serves an answer this code would not give.
+SOLVER_ID = f"dp{DP_MAX_WORK:.0e}x{DP_MAX_CELLS:.0e}-gap{MIP_REL_GAP:g}".replace("+", "")
 
 
 def solve_mckp(
-    errors: torch.Tensor | np.ndarray,
-    costs: torch.Tensor | np.ndarray,
-    capacity: float,
-    time_limit_s: float | None = None,
+    errors: torch.Tensor | np.ndarray, costs: torch.Tensor | np.ndarray, capacity: float
 ) -> list[int]:
     """Option index per row minimising total error with total cost <= capacity (multiple-choice knapsack).
 
-    Dominated options are dropped; a Lagrangian relaxation gives a feasible greedy choice; HiGHS solves the
-    integer program over the non-dominated options to within MIP_REL_GAP (or ``time_limit_s``, if given)
-    and the better of the two is returned. The result never exceeds ``capacity`` (see :func:`_solve_fronts`).
+    Dominated options are dropped; a Lagrangian relaxation gives a lower bound and a feasible greedy choice,
+    and options it proves useless are dropped too; what is left is solved exactly (integer costs, see
+    :data:`DP_MAX_WORK`) or to within MIP_REL_GAP, and the better of that and the greedy choice returned.
+    No step looks at the clock. The result never exceeds ``capacity`` (see :func:`_solve_fronts`).
     """
     errors = np.asarray(errors, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.float64)
@@ -78,8 +85,11 @@ def solve_mckp(
     if costs[rows, least].sum() <= capacity:  # the least-error choice fits: nothing can beat it
         return [int(j) for j in least]
     fronts = [pareto_options(e, c) for e, c in zip(errors, costs, strict=True)]
-    _, _, greedy = _lagrangian(errors, costs, capacity)
-    choice = _solve_fronts(errors, costs, fronts, capacity, time_limit_s)
+    bound, reduced, greedy = _lagrangian(errors, costs, capacity)
+    pruned = _prune(fronts, reduced, float(errors[rows, greedy].sum()) - bound)
+    if costs[rows, [f[0] for f in pruned]].sum() <= capacity:  # float rounding never lost feasibility
+        fronts = pruned
+    choice = _solve_fronts(errors, costs, fronts, capacity)
     best = min((choice, [int(j) for j in greedy]), key=lambda c: errors[rows, c].sum())
     return [int(j) for j in best]
 
@@ -121,6 +131,21 @@ def _lagrangian(
     return bounds[lam] * error_scale, reduced, _fill_up(greedy, errors, costs, capacity)
 
 
+def _prune(fronts: list[list[int]], reduced: np.ndarray, slack: float) -> list[list[int]]:
+    """Each row's options that may still appear in a choice at least as good as the greedy one.
+
+    A feasible choice errs at least the Lagrangian bound plus the reduced cost of each of its options, so an
+    option whose reduced cost exceeds ``slack`` (greedy error minus bound) cannot beat the greedy choice.
+    The margin absorbs float rounding; each row keeps its option of least reduced cost, so none is empty.
+    """
+    margin = max(slack, 0.0) * (1 + 1e-9) + 1e-12 * float(np.abs(reduced).max(initial=0.0))
+    kept = []
+    for i, front in enumerate(fronts):
+        row = [j for j in front if reduced[i, j] <= margin]
+        kept.append(row or [min(front, key=lambda j: reduced[i, j])])
+    return kept
+
+
 def _fill_up(choice: np.ndarray, errors: np.ndarray, costs: np.ndarray, capacity: float) -> np.ndarray:
     """Greedily spend leftover capacity on the upgrade that cuts the most error."""
     choice = choice.copy()
@@ -137,22 +162,21 @@ def _fill_up(choice: np.ndarray, errors: np.ndarray, costs: np.ndarray, capacity
 
 
 def _solve_fronts(
-    errors: np.ndarray,
-    costs: np.ndarray,
-    fronts: list[list[int]],
-    capacity: float,
-    time_limit_s: float | None = None,
+    errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], capacity: float
 ) -> list[int]:
     """The best choice among ``fronts``' options whose float64 cost is within ``capacity``.
 
-    Integer costs (what :func:`allocate` passes) are solved as integers, exactly. Otherwise HiGHS works in
-    scaled floats and may accept a point over capacity by its feasibility tolerance: then the capacity is
-    cut by the excess and the problem solved again, with cheapest downgrades as the last resort.
+    Integer costs (what :func:`allocate` passes) are solved as integers: by the dynamic program when it fits
+    :data:`DP_MAX_WORK`, else by HiGHS. Float costs go to HiGHS in scaled floats, which may accept a point
+    over capacity by its feasibility tolerance: then the capacity is cut by the excess and the problem
+    solved again, with cheapest downgrades as the last resort. Which path runs depends on the problem only.
     """
     integral = bool(np.all(costs == np.round(costs))) and float(np.abs(costs).sum(axis=1).max()) < 2.0**52
     limit = float(math.floor(capacity * (1 + _COST_RTOL))) if integral else float(capacity)
+    if integral and _dp_fits(costs, fronts, limit):
+        return _dp_choice(errors, costs, fronts, int(limit))
     rows = np.arange(len(fronts))
-    choice = _milp_choice(errors, costs, fronts, limit, not integral, time_limit_s)
+    choice = _milp_choice(errors, costs, fronts, limit, not integral)
     if choice is None:
         raise CoaloraError("the knapsack solver found no feasible choice; try a larger budget")
     for _ in range(3):
@@ -160,17 +184,61 @@ def _solve_fronts(
         if excess <= abs(capacity) * _COST_RTOL:
             return choice
         limit -= excess
-        choice = _milp_choice(errors, costs, fronts, limit, not integral, time_limit_s) or choice
+        choice = _milp_choice(errors, costs, fronts, limit, not integral) or choice
     return _repair(choice, fronts, errors, costs, capacity)
 
 
+def _room(costs: np.ndarray, fronts: list[list[int]], limit: float) -> int:
+    """Integer capacity left once every row takes its cheapest kept option (fronts rise in cost)."""
+    return int(limit) - int(sum(costs[i, front[0]] for i, front in enumerate(fronts)))
+
+
+def _dp_fits(costs: np.ndarray, fronts: list[list[int]], limit: float) -> bool:
+    """Whether the dynamic program's work and memory stay within DP_MAX_WORK and DP_MAX_CELLS."""
+    cells = _room(costs, fronts, limit) + 1
+    options = sum(len(f) for f in fronts)
+    return cells > 0 and cells * options <= DP_MAX_WORK and cells * len(fronts) <= DP_MAX_CELLS
+
+
+def _dp_choice(errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], limit: int) -> list[int]:
+    """The exact optimum over integer costs: a dynamic program over the capacity spent above the cheapest.
+
+    ``best[x]`` is the least error of the rows so far spending at most ``x`` units above their cheapest
+    options; each row takes, per ``x``, the option minimising its error plus ``best`` of what is left. Ties
+    keep the cheaper option, so the answer is unique and the same on every machine.
+    """
+    room = _room(costs, fronts, limit)
+    best = np.zeros(room + 1)
+    picks = np.zeros((len(fronts), room + 1), dtype=np.int16)
+    for i, front in enumerate(fronts):
+        extra = [int(costs[i, j] - costs[i, front[0]]) for j in front]
+        best = _dp_row(best, extra, errors[i, front], picks[i])
+    choice = [0] * len(fronts)
+    spent = room
+    for i in reversed(range(len(fronts))):
+        k = int(picks[i, spent])
+        choice[i] = fronts[i][k]
+        spent -= int(costs[i, fronts[i][k]] - costs[i, fronts[i][0]])
+    return choice
+
+
+def _dp_row(best: np.ndarray, extra: list[int], errors: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """One row's step of :func:`_dp_choice`: fills ``picks`` (index into the row's options) in place."""
+    updated = np.full_like(best, np.inf)
+    better = np.empty(len(best), dtype=bool)
+    for k, (shift, error) in enumerate(zip(extra, errors, strict=True)):
+        if shift >= len(best):
+            break  # options rise in cost: the rest do not fit either
+        width = len(best) - shift
+        candidate = best[:width] + error
+        np.less(candidate, updated[shift:], out=better[:width])
+        np.copyto(updated[shift:], candidate, where=better[:width])
+        np.copyto(picks[shift:], k, where=better[:width])
+    return updated
+
+
 def _milp_choice(
-    errors: np.ndarray,
-    costs: np.ndarray,
-    fronts: list[list[int]],
-    limit: float,
-    scale_costs: bool,
-    time_limit_s: float | None = None,
+    errors: np.ndarray, costs: np.ndarray, fronts: list[list[int]], limit: float, scale_costs: bool
 ) -> list[int] | None:
     """One HiGHS solve over the given options: binaries, one-hot rows per matrix, a capacity row.
 
@@ -195,10 +263,7 @@ def _milp_choice(
             constraints=constraints,
             integrality=np.ones(len(rows)),
             bounds=Bounds(0, 1),
-            options={
-                "mip_rel_gap": MIP_REL_GAP,
-                **({} if time_limit_s is None else {"time_limit": time_limit_s}),
-            },
+            options={"mip_rel_gap": MIP_REL_GAP},
         )
     if result.x is None:
         return None

@@ -1,9 +1,9 @@
 """A task's configuration sets: what it is evaluated at, what training draws from, what it has trained on.
 
-Evaluation budgets (and QLoRA's one budget) are allocated without a solver time limit, so every method and
-every machine gets the same configurations; only the training grid, where near-optimal is enough, uses
-one. CoA-LoRA's and Shared-LoRA's sets are allocated on first use: a task loaded from a checkpoint gets
-them from the checkpoint and never runs the allocator (minutes on a fresh machine for the budget grid).
+Every budget (evaluation, QLoRA's one, the training grid) is allocated by a solver that never looks at the
+clock, so every method and every machine, loaded or quiet, gets the same configurations. CoA-LoRA's and
+Shared-LoRA's sets are allocated on first use: a task loaded from a checkpoint gets them from the checkpoint
+and never runs the allocator (the error table takes a minute on a fresh machine).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import EVAL_BUDGETS, budget_grid, cached_allocate, check_budget
-from coalora.quant.knapsack import MIP_TIME_LIMIT_S
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.tasks.methods import MethodSpec
 from coalora.utils import budget_label
@@ -46,9 +45,9 @@ class ConfigurationSets:
         self._train: list[QConfig] | None = None
         self._trained_on: dict[QConfig, None] = {}
 
-    def allocate(self, budget: float, time_limit_s: float | None = None) -> QConfig:
+    def allocate(self, budget: float) -> QConfig:
         """The allocated configuration for ``budget`` (error table and allocation cached on disk)."""
-        return cached_allocate(self.space, self.error_table(), budget, time_limit_s=time_limit_s)
+        return cached_allocate(self.space, self.error_table(), budget)
 
     @property
     def labels(self) -> list[str]:
@@ -74,7 +73,7 @@ class ConfigurationSets:
                 self._train = [c for c in self.eval.values() if c is not None]
             else:
                 grid = budget_grid() if self.train_budgets is None else self.train_budgets
-                self._train = list(dict.fromkeys(self.allocate(b, MIP_TIME_LIMIT_S) for b in grid))
+                self._train = list(dict.fromkeys(self.allocate(b) for b in grid))
         return self._train
 
     @train.setter
