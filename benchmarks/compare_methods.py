@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from eval_reuse import evaluate_once
+
 from coalora.eval.hypervolume import hypervolume
 from coalora.eval.report import plot
 from coalora.eval.results import EvalResult
@@ -122,18 +124,22 @@ def evaluate(record: dict, root: Path, cfg: dict) -> list[dict]:
 
 
 def evaluate_with(record: dict, root: Path, extra: list[str]) -> list[dict]:
-    """``coalora evaluate`` of a run's checkpoint with ``extra`` flags (bf16), or its cached result."""
+    """``coalora evaluate`` of a run's checkpoint with ``extra`` flags (bf16 unless they say otherwise), or
+    its earlier result when that was written under the same flags, checkpoint and qconfig files."""
     folder = root / record["name"].replace("@", "_") / "eval"
-    out = folder / "eval.json"
-    if not out.is_file():
+    flags = ["--precision", "bf16", *extra]
+
+    def run() -> None:
         command = [sys.executable, "-m", "coalora.cli", "evaluate", "--ckpt", record["ckpt"]]
-        command += ["--out", str(folder), "--precision", "bf16", *extra]
+        command += ["--out", str(folder), *flags]
         print(f"[eval] {record['name']}", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
         with (folder.parent / "eval.log").open("w") as log:
             result = subprocess.run(command, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
             raise SystemExit(f"evaluating {record['name']} failed; see {folder.parent / 'eval.log'}")
-    rows = json.loads(out.read_text())["results"]
+
+    rows = evaluate_once(folder, record["ckpt"], flags, run)
     for row in rows:
         row["run"] = record["name"]
     return rows
@@ -243,12 +249,22 @@ def main() -> None:
         "--regime", choices=("paper", "lowbit"), default="paper", help="lowbit: 2.1-3.0 bits, 3 seeds"
     )
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="lowbit: seeds (default 42 43 44)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="lowbit: recompute summary, bars, table and plot from docs/bench/lowbit.json's rows; no runs",
+    )
     args = parser.parse_args()
     if args.regime == "lowbit":
         import lowbit_regime
 
-        lowbit_regime.main(args.seeds or list(lowbit_regime.SEEDS), args.only)
+        if args.report_only:
+            lowbit_regime.report_only()
+        else:
+            lowbit_regime.main(args.seeds or list(lowbit_regime.SEEDS), args.only)
         return
+    if args.report_only:
+        parser.error("--report-only is for --regime lowbit")
     cfg = settings(args.quick)
     suffix = "_quick" if args.quick else ""
     if args.epochs is not None and args.epochs != cfg["epochs"]:

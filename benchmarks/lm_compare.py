@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from eval_reuse import evaluate_once
 
 BASE = "configs/wikitext_llama_cpu.yaml"
 MODEL = "runs/tiny-llama-sst2"
@@ -118,26 +121,20 @@ def random_configs() -> list[Path]:
 
 
 def evaluate(record: dict, root: Path, randoms: list[Path]) -> list[dict]:
-    """WikiText-2 test perplexity of one run at every configuration it serves (cached in eval.json)."""
+    """WikiText-2 test perplexity of one run at every configuration it serves; an earlier eval.json is
+    reused only when it was written under the same flags, checkpoint and qconfig files."""
     folder = root / record["name"].replace("@", "_") / "eval"
-    out = folder / "eval.json"
-    if not out.is_file():
-        command = [
-            sys.executable,
-            "-m",
-            "coalora.cli",
-            "evaluate",
-            "--ckpt",
-            record["ckpt"],
-            "--split",
-            "test",
-        ]
-        command += ["--out", str(folder), "--precision", "bf16"]
-        if not record["name"].startswith(("fp", "qlora")):
-            command += ["--budgets", *map(str, BUDGETS), "--qconfig", *map(str, randoms)]
+    flags = ["--split", "test", "--precision", "bf16"]
+    if not record["name"].startswith(("fp", "qlora")):
+        flags += ["--budgets", *map(str, BUDGETS), "--qconfig", *map(str, randoms)]
+
+    def run() -> None:
+        command = [sys.executable, "-m", "coalora.cli", "evaluate", "--ckpt", record["ckpt"]]
         print(f"[eval] {record['name']}", flush=True)
-        _run(command, folder.parent / "eval.log")
-    return json.loads(out.read_text())["results"]
+        folder.mkdir(parents=True, exist_ok=True)
+        _run([*command, "--out", str(folder), *flags], folder.parent / "eval.log")
+
+    return evaluate_once(folder, record["ckpt"], flags, run)
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:

@@ -28,17 +28,61 @@ def test_bars_are_differences_of_per_seed_means_over_shared_seeds() -> None:
     rows = []
     for seed, (search, off) in {42: (0.82, 0.80), 43: (0.81, 0.80), 44: (0.79, 0.80)}.items():
         rows += _rows("coalora-search", seed, budget=search, random=search)
-        rows += _rows("shared-trainset", seed, budget=off, random=off)
+        rows += _rows("search-mapper-off", seed, budget=off, random=off)
         rows += _rows("qlora", seed, budget=0.80, random=0.0)
-    rows += _rows("shared-trainset", 45, budget=0.0, random=0.0)  # a seed the default lacks: ignored
+    rows += _rows("search-mapper-off", 45, budget=0.0, random=0.0)  # a seed the default lacks: ignored
     bar = lowbit_regime.bars(rows)
-    mean, std = bar["mapper_gain_random_points"]
+    mean, std = bar["search_mapper_gain_random_points"]
     assert mean == pytest.approx(2 / 3) and std == pytest.approx(1.5275, abs=1e-4)
     assert bar["bar_mapper_random_met"] is False  # +0.67 < +1.0
     assert bar["bar_mapper_every_budget_met"] is True
     assert bar["gap_to_qlora_points"][0] == pytest.approx(2 / 3)
     assert bar["bar_qlora_met"] is True
     assert "search_minus_frozen_random_points" not in bar  # no coalora-frozen rows, no figure
+
+
+def test_the_search_against_the_frozen_sets_mapper_off_run_is_not_called_a_mapper_gain() -> None:
+    rows = []
+    for seed in (42, 43, 44):
+        rows += _rows("coalora-search", seed, budget=0.82, random=0.82)
+        rows += _rows("shared-trainset", seed, budget=0.79, random=0.79)  # another training set
+    bar = lowbit_regime.bars(rows)
+    assert bar["search_vs_frozen_mapper_off_random_points"][0] == pytest.approx(3.0)
+    assert bar["search_vs_frozen_mapper_off_per_budget_points"]["2.1"][0] == pytest.approx(3.0)
+    assert bar["variant_vs_frozen_mapper_off_random_points"] == {"coalora-search": pytest.approx((3.0, 0.0))}
+    assert not any("mapper_gain" in key for key in bar)  # the search's own control has no rows
+    assert "bar_mapper_random_met" not in bar and "bar_mapper_every_budget_met" not in bar
+    assert "search-mapper-off" in bar["bar_mapper_not_measured"]
+
+
+def test_the_bar_for_the_mapper_uses_the_searchs_own_control_only() -> None:
+    rows = []
+    for seed in (42, 43):
+        rows += _rows("coalora-search", seed, budget=0.80, random=0.80)
+        rows += _rows("search-mapper-off", seed, budget=0.81, random=0.80)
+        rows += _rows("shared-trainset", seed, budget=0.70, random=0.70)  # +10 points: not the mapper's
+    bar = lowbit_regime.bars(rows)
+    assert bar["search_mapper_gain_random_points"][0] == pytest.approx(0.0)
+    assert bar["search_mapper_gain_budgets_points"][0] == pytest.approx(-1.0)
+    assert bar["bar_mapper_random_met"] is False and bar["bar_mapper_every_budget_met"] is False
+    assert bar["search_vs_frozen_mapper_off_random_points"][0] == pytest.approx(10.0)
+
+
+def test_every_mapper_gain_comes_from_a_run_and_its_exact_control() -> None:
+    accuracy = {"coalora-frozen": 0.81, "coalora-mapper-lr": 0.78, "coalora-search": 0.79}
+    methods = dict.fromkeys(name.split("@")[0] for name, _ in lowbit_regime.planned_runs())
+    rows = []
+    for seed in (42, 43, 44):
+        for method in methods:
+            value = accuracy.get(method, 0.80)
+            rows += _rows(method, seed, budget=value, random=value)
+    bar = lowbit_regime.bars(rows)
+    prefixes = tuple(f"{prefix}_mapper_gain_" for prefix in lowbit_regime.MAPPER_CONTROLS)
+    gains = [key for key in bar if "mapper_gain" in key]
+    assert gains and all(key.startswith(prefixes) for key in gains)
+    assert bar["frozen_mapper_gain_random_points"][0] == pytest.approx(1.0)  # against shared-trainset
+    assert bar["mapper_lr_mapper_gain_random_points"][0] == pytest.approx(-2.0)  # the same control
+    assert bar["search_mapper_gain_random_points"][0] == pytest.approx(-1.0)  # against search-mapper-off
 
 
 def test_the_sandwich_control_isolates_the_mapper_inside_the_sandwich() -> None:
@@ -48,7 +92,7 @@ def test_the_sandwich_control_isolates_the_mapper_inside_the_sandwich() -> None:
         rows += _rows("coalora-sandwich", seed, budget=0.81, random=0.80)
         rows += _rows("sandwich-mapper-off", seed, budget=0.815, random=0.80)
     bar = lowbit_regime.bars(rows)
-    assert bar["mapper_gain_random_by_variant_points"]["coalora-sandwich"][0] == pytest.approx(2.0)
+    assert bar["variant_vs_frozen_mapper_off_random_points"]["coalora-sandwich"][0] == pytest.approx(2.0)
     assert bar["sandwich_mapper_gain_random_points"][0] == pytest.approx(0.0)
     assert bar["sandwich_mapper_gain_budgets_points"][0] == pytest.approx(-0.5)
 
@@ -63,7 +107,9 @@ def test_the_plan_has_the_sandwich_control_with_the_mapper_off() -> None:
 def test_every_mapper_control_differs_from_its_run_only_in_the_mapper_switch() -> None:
     plan = dict(lowbit_regime.planned_runs())
     for on, off in lowbit_regime.MAPPER_CONTROLS.values():
-        assert plan[off] == [*plan[on][:-4], "--model.use_mapper", "false", *plan[on][-4:]]
+        flags = _without_mapper_only_flags(plan[on])
+        assert plan[off] == [*flags[:-4], "--model.use_mapper", "false", *flags[-4:]]
+    assert {"search-mapper-off", "random-mapper-off"} <= set(plan)  # the default's control is planned
     k4 = plan["coalora-k4"]
     assert k4[k4.index("--model.configs_per_step") + 1] == "4"
     assert k4[k4.index("--trainer.precision") + 1] == "32-true"  # both runs of the pair in fp32
@@ -86,5 +132,18 @@ def test_fp32_runs_are_not_set_against_the_bf16_ablation() -> None:
         rows += _rows("coalora-k4", seed, budget=0.80, random=0.81)
         rows += _rows("coalora-frozen", seed, budget=0.80, random=0.80)
         rows += _rows("shared-trainset", seed, budget=0.80, random=0.79)
-    by_variant = lowbit_regime.bars(rows)["mapper_gain_random_by_variant_points"]
+    by_variant = lowbit_regime.bars(rows)["variant_vs_frozen_mapper_off_random_points"]
     assert set(by_variant) == {"coalora-frozen"}  # coalora-k4 has its own fp32 control
+
+
+def _without_mapper_only_flags(flags: list[str]) -> list[str]:
+    """``flags`` less those that act on the mapper's parameters alone (meaningless with it off)."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag in lowbit_regime.MAPPER_ONLY_FLAGS:
+            skip = True
+        else:
+            out.append(flag)
+    return out
