@@ -34,6 +34,7 @@ from coalora.quant.codebooks import (
     Array,
     NearestLookup,
     SearchScratch,
+    codebook,
     pack_bits,
     pack_codes,
     unpack_bits,
@@ -164,7 +165,7 @@ def _absmax(blocks: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Blocked:
+class BlockedWeight:
     """A weight cut into blocks with its double-quantized scales: what the per-weight pass needs."""
 
     blocks: torch.Tensor  # (n_blocks, block) in the weight's own dtype, zero-padded
@@ -174,9 +175,9 @@ class _Blocked:
     scales: torch.Tensor  # (n_blocks,) float32 dequantized first-level scales
 
     @staticmethod
-    def of(weight: torch.Tensor, option: QuantOption) -> _Blocked:
+    def of(weight: torch.Tensor, option: QuantOption) -> BlockedWeight:
         blocks = _pad_to(weight.detach().reshape(-1), option.block).view(-1, option.block)
-        return _Blocked(blocks, *double_quantize_scales(_absmax(blocks), option))
+        return BlockedWeight(blocks, *double_quantize_scales(_absmax(blocks), option))
 
     def normalised(self) -> Iterator[tuple[int, int, _Work]]:
         """(first block, end block, scratch) chunk by chunk, with the chunk's weights over their scales
@@ -206,7 +207,7 @@ def fake_quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf")
 
     Returns a float32 tensor of ``weight``'s shape on its device.
     """
-    blocked = _Blocked.of(weight, option)
+    blocked = BlockedWeight.of(weight, option)
     lookup = NearestLookup.build(option.bits, family, weight.device)
     out = torch.empty(blocked.blocks.shape, dtype=torch.float32, device=weight.device)
     scale = _Scaler(out, blocked.scales)
@@ -288,7 +289,7 @@ class PackedTensor:
 
 def quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf") -> PackedTensor:
     """Quantize ``weight`` into its packed, deployable form."""
-    blocked = _Blocked.of(weight, option)
+    blocked = BlockedWeight.of(weight, option)
     lookup = NearestLookup.build(option.bits, family, weight.device)
     bits, block = option.bits, option.block
     codes = torch.empty(blocked.blocks.numel() * bits // 8, dtype=torch.uint8, device=weight.device)
@@ -306,4 +307,33 @@ def quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf") -> P
         scale_codes=pack_bits(blocked.scale_codes, option.scale_bits),
         scale2=blocked.scale2,
         offset=blocked.offset.reshape(()),
+    )
+
+
+# ---- Codes chosen by another rounding (coalora/quant/gptq.py), packed as quantize packs its own ----
+
+
+def packed_with_codes(
+    codes: torch.Tensor, shape: tuple[int, ...], option: QuantOption, family: str, blocked: BlockedWeight
+) -> PackedTensor:
+    """The packed form of ``codes`` (uint8, one per weight, any layout of the weight's shape) with the
+    scales of ``blocked`` (``BlockedWeight.of`` the weight): ``quantize``'s bytes and format, other codes.
+    The zero padding of the last block gets the code of 0, as in ``quantize``."""
+    n, device = blocked.blocks.numel(), codes.device
+    flat = torch.empty(n, dtype=torch.uint8, device=device)
+    flat[: codes.numel()].view(codes.shape).copy_(codes)
+    if codes.numel() < n:
+        levels = codebook(option.bits, family).double()
+        flat[codes.numel() :] = int(
+            torch.bucketize(torch.zeros(()), ((levels[1:] + levels[:-1]) / 2).float())
+        )
+    packed = torch.empty(n * option.bits // 8, dtype=torch.uint8, device=device)  # n: whole blocks of 16+
+    scratch = torch.empty(n // 8, dtype=torch.int64, device=device)
+    if uses_numpy(device):  # numpy views: no parallel region
+        pack_codes(flat.numpy(), option.bits, packed.numpy(), scratch.numpy())
+    else:
+        pack_codes(flat, option.bits, packed, scratch)
+    scale_codes = pack_bits(blocked.scale_codes, option.scale_bits)
+    return PackedTensor(
+        shape, option, family, packed, scale_codes, blocked.scale2, blocked.offset.reshape(())
     )
