@@ -524,16 +524,26 @@ def test_single_configuration_methods_export_only_their_own(
         served.adapt(other_config)
 
 
-def test_fp_checkpoint_exports_in_full_precision_only(tiny_models_dir, batch, tmp_path):
+def test_fp_checkpoint_serves_full_precision_and_any_configuration_post_training(
+    tiny_models_dir, batch, other_config, tmp_path
+):
+    """fine-tune, then quantize: with no configuration an fp checkpoint exports full precision; with one,
+    its adapter over the base quantized at that configuration (round-to-nearest here)."""
     path = _method_ckpt(tmp_path / "fp.ckpt", str(tiny_models_dir / "tiny-bert"), "fp")
     trained = load_task(path)
-    with pytest.raises(CoaloraError, match="full-precision LoRA"):
-        export(trained, tmp_path / "q", budget=3.0)
     report = export(trained, tmp_path / "out")
     assert report.metadata["avg_bits"] == 32.0 and not (tmp_path / "out" / QUANTIZED_FILE).exists()
     assert report.metadata["predicted_weights"] == report.metadata["sizes"]["weights"]
     expected = module_logits(trained, batch, None)
     assert torch.allclose(load(tmp_path / "out").logits(batch), expected, atol=ATOL)
+    quantized = export(trained, tmp_path / "q", qconfig=other_config)
+    assert quantized.metadata["rounding"] == "nearest" and (tmp_path / "q" / QUANTIZED_FILE).exists()
+    at_config = module_logits(trained, batch, other_config)
+    assert (at_config - expected).abs().max() > 20 * ATOL  # the quantized base shows
+    assert torch.allclose(load(tmp_path / "q").logits(batch), at_config, atol=ATOL)
+    served = AdaptiveModel.from_checkpoint(path)
+    served.adapt(other_config)
+    assert torch.allclose(served.logits(batch), at_config, atol=ATOL)
 
 
 def test_shared_checkpoint_serves_any_configuration(

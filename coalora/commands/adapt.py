@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from pathlib import Path
 
 from coalora.checks import FINITE, arg, check_input_files, check_output_dir
+from coalora.errors import CoaloraError
 from coalora.quant.allocate import check_budget
+from coalora.quant.rounding import ROUNDINGS
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -51,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="dtype of the stored embedding tables (float16 halves a small encoder's artifact)",
     )
+    parser.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default=None,
+        help="how the configuration is rounded (default: the run's own; gptq calibrates on its training "
+        "data, --glue-dir says where that is now)",
+    )
+    parser.add_argument("--glue-dir", default=None, help="the run's data folder, if it moved (for gptq)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
     check_input_files([args.ckpt], "checkpoint", "pass a .ckpt written by `coalora fit`")
     if args.qconfig is not None:
         check_input_files([args.qconfig], "qconfig file", "write one with `coalora allocate --out`")
+    if args.glue_dir is not None and not Path(args.glue_dir).expanduser().is_dir():
+        raise CoaloraError(f"--glue-dir '{args.glue_dir}' is not a folder; pass the data folder")
     check_replaceable(check_output_dir(args.out, "--out"))  # before minutes of work, not after
     start = time.perf_counter()
-    module = load_task(args.ckpt)
+    overrides = {} if args.glue_dir is None else {"glue_dir": args.glue_dir, "data_dir": args.glue_dir}
+    module = load_task(args.ckpt, args.rounding, overrides)
     loaded = time.perf_counter() - start
     report = export(
         module,

@@ -1,7 +1,10 @@
 """``coalora evaluate``: one or more checkpoints at budgets, qconfig files, random and seen configurations.
 
-Per-configuration baselines (qlora, lqlora) and fp are evaluated at their own configuration only; CoA-LoRA
-and Shared-LoRA at every requested configuration. Writes eval.json, eval.csv and eval.png.
+Per-configuration baselines (qlora, lqlora) are evaluated at their own configuration only; CoA-LoRA and
+Shared-LoRA at every requested configuration; fp at full precision and, post-training quantized, at every
+configuration requested explicitly (``--budgets``, ``--qconfig``, ``--random``). ``--rounding gptq``
+rounds each configuration activation-aware (calibrated on the run's training examples). Writes eval.json,
+eval.csv and eval.png.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from coalora.errors import CoaloraError
 from coalora.eval.report import format_table, summarise, write_outputs
 from coalora.eval.results import EvalResult, evaluate_config
 from coalora.quant.allocate import check_budget
+from coalora.quant.rounding import ROUNDINGS
 
 if TYPE_CHECKING:
     from coalora.quant.qconfig import QConfig
@@ -78,6 +82,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=arg(POSITIVE_INT), default=128)
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--seed", type=arg(SEED), default=0, help="seed for --random and --seen")
+    parser.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default=None,
+        help="how configurations are rounded (default: each run's own; gptq calibrates on its training data)",
+    )
 
 
 def report_split(checkpoint: dict, requested: str | None) -> str:
@@ -92,12 +102,16 @@ def report_split(checkpoint: dict, requested: str | None) -> str:
     return requested or "validate"
 
 
+def _data_overrides(args: argparse.Namespace) -> dict:
+    """Where the run's data is now (``--glue-dir``), for evaluation and GPTQ's calibration alike."""
+    return {} if args.glue_dir is None else {"glue_dir": args.glue_dir, "data_dir": args.glue_dir}
+
+
 def _eval_loader(module: CoALoRATask, args: argparse.Namespace, checkpoint: dict):
     """The split to report on, with the training run's data arguments: GLUE dev, or the LM's test text."""
     data_hparams = dict(checkpoint.get("datamodule_hyper_parameters", {}))
     overrides = dict(data_hparams, eval_batch_size=args.batch_size, eval_limit=args.eval_limit)
-    if args.glue_dir is not None:
-        overrides.update(glue_dir=args.glue_dir, data_dir=args.glue_dir)
+    overrides.update(_data_overrides(args))
     overrides.update(search_size=0)  # GLUE: no search split needed to evaluate
     data = module.data_module(**overrides)
     split = report_split(checkpoint, args.split)
@@ -112,12 +126,16 @@ def configs_to_evaluate(
     from coalora.quant.allocate import allocate
     from coalora.utils import budget_label
 
-    if module.method.serves == "fp":
-        return [("fp", "fp", None)]
     if module.method.serves == "own":
         return [(label, "own", config) for label, config in module.eval_configs.items()]
     space = module.model.space
-    if args.budgets is None:
+    items: list[tuple[str, str, QConfig | None]]
+    if module.method.serves == "fp":  # post-training quantized at what is asked for explicitly
+        items = [("fp", "fp", None)]
+        if args.budgets:
+            table = module.error_table()
+            items += [(budget_label(b), "budget", allocate(space, table, b)) for b in args.budgets]
+    elif args.budgets is None:
         items = [(label, "budget", config) for label, config in module.eval_configs.items()]
     else:
         table = module.error_table()
@@ -147,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     task = None
     names: dict[str, int] = {}
     for path in args.ckpt:
-        module = load_task(path)
         checkpoint = read_checkpoint(path)
+        module = load_task(path, args.rounding, _data_overrides(args))
         if task is not None and module.evaluation_name != task:
             raise CoaloraError(
                 f"checkpoints are for different tasks ({task}, {module.evaluation_name}); evaluate separately"
@@ -158,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
         seen = set(module.trained_on)  # configurations a training step used, not the final set
         method = module.method.name
         items = configs_to_evaluate(module, args)
-        run_name = method if module.method.serves != "own" else f"{method}@{items[0][0]}"
+        rounding = module.model.rounder.method
+        run_name = method if rounding == module.hparams.get("rounding", "nearest") else f"{method}-{rounding}"
+        run_name = run_name if module.method.serves != "own" else f"{run_name}@{items[0][0]}"
         names[run_name] = names.get(run_name, 0) + 1
         if names[run_name] > 1:
             run_name = f"{run_name}#{names[run_name]}"
@@ -167,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 metrics = evaluate_config(module, loader, config)
             bits = None if config is None else module.model.space.avg_bits(config)
-            results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics))
+            results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics, rounding))
             print(f"  {run_name} {label}: {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)
     assert task is not None  # argparse requires at least one --ckpt
     paths = write_outputs(results, task, out)

@@ -19,7 +19,7 @@ from coalora.deploy.layout import (
 from coalora.deploy.sizes import part_sizes
 from coalora.errors import CoaloraError
 from coalora.nn.model import head_parameter_names
-from coalora.quant.quantizer import PackedTensor, quantize
+from coalora.quant.quantizer import PackedTensor
 from coalora.utils import intra_op_threads
 
 #: what ``embedding_dtype`` may name, and the dtype it stores the embedding tables in
@@ -60,14 +60,18 @@ def build_artifact(module: CoALoRATask, resolution: Resolution, embedding_dtype:
             f"embedding_dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got '{embedding_dtype}'"
         )
     model, config = module.model, resolution.config
-    family = module.hparams.code_family
     stages = _Stopwatch()
     packed: dict[str, PackedTensor] = {}
     # LQ-LoRA's residual is recomputed as the module computed it: on the same threads (SVD rounding)
     weights = None if config is None else module.weights_to_quantize(config)
     with intra_op_threads(1):
         if config is not None and weights is not None:
-            packed = {n: _cpu(quantize(weights[n], config.matrices[n], family)) for n in model.space.names}
+            # the rounding the run serves with (nearest, or gptq with its statistics), all matrices at once
+            names = model.space.names
+            rounded = model.rounder.packed_many(
+                names, [weights[n] for n in names], [config.matrices[n] for n in names]
+            )
+            packed = {n: _cpu(p) for n, p in zip(names, rounded, strict=True)}
         stages.lap("quantize")
         adjustments = model.adjustments(config) if (model.mapper is not None and config is not None) else None
         stages.lap("mapper")
@@ -124,6 +128,7 @@ def _metadata(module: CoALoRATask, artifact: Artifact, resolution: Resolution) -
         "alpha": hp.alpha,
         "lora_scaling": model.layers[0].scaling,
         "code_family": hp.code_family,
+        "rounding": model.rounder.method,
         "avg_bits": avg_bits,
         "configuration": resolution.source,
         "budget": resolution.budget,

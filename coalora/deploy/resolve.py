@@ -1,6 +1,7 @@
 """Which configuration a checkpoint serves: a bit budget, a qconfig or a byte budget turned into one,
 checked against what the checkpoint's method was trained to serve (``serves`` in its row of the method
-table: coalora and shared any configuration, qlora and lqlora only their own, fp only full precision)."""
+table: coalora and shared any configuration, qlora and lqlora only their own, fp full precision by default
+and any configuration post-training quantized, best with ``rounding: gptq``)."""
 
 from __future__ import annotations
 
@@ -19,18 +20,13 @@ if TYPE_CHECKING:
     from coalora.tasks.base import CoALoRATask
 
 
-FP_ONLY = (
-    "checkpoint is a full-precision LoRA (method fp) and was not trained for any quantized configuration; "
-    "export it without --budget/--qconfig/--max-bytes, or train a coalora model"
-)
-
-
 def check_serves(module: CoALoRATask, config: QConfig | None) -> None:
     """Refuse a configuration the checkpoint's method was not trained to serve.
 
     coalora and shared serve any configuration (the mapper adjusts, or one adapter is shared by design);
     qlora and lqlora only the configuration they were trained for (lqlora's base is Q(W − L) for it);
-    fp only full precision.
+    fp full precision, or any configuration quantized after training (the recipe users know: fine-tune,
+    then quantize; per configuration, and activation-aware with ``rounding: gptq``).
     """
     method = module.method.name
     space = module.model.space
@@ -42,8 +38,6 @@ def check_serves(module: CoALoRATask, config: QConfig | None) -> None:
             )
         return
     if module.method.serves == "fp":
-        if config is not None:
-            raise CoaloraError(FP_ONLY)
         return
     own = module.own_config
     if config != own:
@@ -151,8 +145,6 @@ def resolve_config(
         config = module.own_config
         check_serves(module, config)
         return Resolution(config, "its own configuration" if config is not None else "full precision")
-    if module.method.serves == "fp":
-        raise CoaloraError(FP_ONLY)
     if isinstance(qconfig, QConfig):
         resolution = Resolution(space.validate(qconfig), "a given configuration")
     elif qconfig is not None:

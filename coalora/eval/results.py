@@ -21,6 +21,7 @@ class EvalResult:
     avg_bits: float | None
     seen: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    rounding: str = "nearest"  # how the configuration's codes were chosen (nearest or gptq)
 
     def row(self) -> dict:
         data = asdict(self)

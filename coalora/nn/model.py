@@ -15,6 +15,7 @@ from coalora.nn.mapper import ConfigMapper
 from coalora.nn.weight_cache import CacheMode, QuantCache
 from coalora.quant.options import QuantOption
 from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.quant.rounding import Rounder, Rounding
 from coalora.quant.targets import TargetMatrix, discover_targets, module_types
 
 
@@ -88,6 +89,7 @@ class CoALoRAModel(nn.Module):
         cache_bytes: int = 4 << 30,
         train_head: bool = True,
         cache_mode: CacheMode = "auto",
+        rounding: Rounding = "nearest",
     ) -> None:
         """``train_head``: the task head (everything outside the base model) trains; False for causal LMs,
         whose ``lm_head`` (tied to the embeddings or not) stays frozen like the rest of the backbone."""
@@ -115,7 +117,9 @@ class CoALoRAModel(nn.Module):
             if use_mapper
             else None
         )
-        self.cache = QuantCache(cache_bytes, code_family, cache_mode)
+        #: how every configuration's codes are chosen (gptq: after :meth:`set_calibration`)
+        self.rounder = Rounder(rounding, code_family)
+        self.cache = QuantCache(cache_bytes, code_family, cache_mode, self.rounder)
         self._active: list[QuantOption | None] = [None] * len(self.layers)
         #: whether layers hold weights pinned by :meth:`set_fixed_weights` (never a cached option's)
         self._pinned = False
@@ -124,8 +128,14 @@ class CoALoRAModel(nn.Module):
     def set_cache_mode(self, mode: CacheMode) -> None:
         """Hold the quantized weights of later switches ``dense``, ``packed`` or ``auto``
         (:mod:`coalora.nn.weight_cache`); the cache starts empty, its bound unchanged."""
-        self.cache = QuantCache(self.cache.max_bytes, self.cache.family, mode)
+        self.cache = QuantCache(self.cache.max_bytes, self.cache.family, mode, self.rounder)
         self.set_config(None)
+
+    def set_rounding(self, rounding: Rounding, hessians: dict[str, torch.Tensor] | None = None) -> None:
+        """Quantize later switches with ``rounding`` (``gptq``: with these targets' input statistics);
+        every cached weight is dropped, since it was rounded the old way."""
+        self.rounder = Rounder(rounding, self.cache.family, hessians)
+        self.set_cache_mode(self.cache.mode)
 
     def _apply(self, fn, recurse: bool = True):
         """Moving devices or dtypes invalidates every cached dequantized weight."""
@@ -144,6 +154,13 @@ class CoALoRAModel(nn.Module):
             [None] * len(self.layers) if config is None else [config.matrices[n] for n in self.space.names]
         )
         pinned, self._pinned = self._pinned, False
+        self.cache.prefetch(
+            [
+                (self.space.names[i], option, layer.weight)
+                for i, (layer, option) in enumerate(zip(self.layers, options, strict=True))
+                if option is not None and (pinned or option != self._active[i] or layer.active_weight is None)
+            ]
+        )
         for i, (layer, option) in enumerate(zip(self.layers, options, strict=True)):
             current = option == self._active[i] and (option is None or layer.active_weight is not None)
             if current and not pinned:

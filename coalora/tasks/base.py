@@ -31,8 +31,11 @@ from coalora.quant.allocate import check_budget
 from coalora.quant.error_table import cached_error_table
 from coalora.quant.lqlora import init_lqlora_adapters, lqlora_residuals
 from coalora.quant.qconfig import QConfig
+from coalora.quant.rounding import Rounding
 from coalora.quant.targets import target_weights, weights_fingerprint
 from coalora.tasks.backward import PerConfigurationBackward, backward_now, check_backward_strategy
+from coalora.tasks.calibrated import CalibratedRounding
+from coalora.tasks.checkpoint_state import CheckpointState
 from coalora.tasks.configurations import ConfigurationSets
 from coalora.tasks.methods import Method, MethodSpec, method_spec
 from coalora.tasks.metrics import ConfigurationMetrics
@@ -45,7 +48,15 @@ from coalora.utils import budget_label, model_inputs
 TASK_TYPES: dict[str, type[CoALoRATask]] = {}
 
 
-class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDropout, L.LightningModule, ABC):
+class CoALoRATask(
+    ConfigurationMetrics,
+    PerConfigurationBackward,
+    BatchSeededDropout,
+    CalibratedRounding,
+    CheckpointState,
+    L.LightningModule,
+    ABC,
+):
     """Configuration-aware LoRA fine-tuning of a quantized Hugging Face backbone."""
 
     #: the name checkpoints record, so the one checkpoint reader rebuilds the right task
@@ -92,6 +103,8 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
         low_bit_draw: float | None = None,
         distill_weight: float = 0.0,
         backward_per_config: bool = True,
+        rounding: Rounding = "nearest",
+        calibration_examples: int = 128,
     ) -> None:
         """
         Args:
@@ -120,6 +133,9 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
                 forward, so one graph is alive at a time (K = 2 peaks like K = 1) with the same averaged
                 gradient, clipping and accumulation; False: one backward of the summed losses (all K graphs
                 alive). Single-device and DDP strategies only (:mod:`coalora.tasks.backward`).
+            rounding: how every configuration's codes are chosen, in training and in serving:
+                ``nearest`` or ``gptq`` (activation-aware, same grid and bytes; :mod:`.calibrated`).
+            calibration_examples: training examples whose target inputs give GPTQ's statistics.
         """
         super().__init__()
         self.method: MethodSpec = method_spec(method)
@@ -139,6 +155,7 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
             cache_bytes=int(quant_cache_gb * (1 << 30)),
             cache_mode=quant_cache_mode,
             train_head=self.trains_head,
+            rounding=rounding,
         )
         weights = target_weights(backbone, self.model.space.targets)
         self.fingerprint = weights_fingerprint(weights)
@@ -289,6 +306,12 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
             weights, config, self.pinned_weights, self.model.layers[0].rank, hp.lqlora_iters, hp.code_family
         )
 
+    def setup(self, stage: str) -> None:
+        """Training under ``rounding: gptq`` calibrates on the data module's training examples first."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and not self.model.rounder.ready and datamodule is not None:
+            self.serve_with(self.hparams.rounding, datamodule)
+
     def on_fit_start(self) -> None:
         """Every DDP rank trains on rank 0's configuration sets (allocation is deterministic, but be sure)."""
         check_backward_strategy(self.trainer.strategy, self.hparams.backward_per_config)
@@ -366,34 +389,3 @@ class CoALoRATask(ConfigurationMetrics, PerConfigurationBackward, BatchSeededDro
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.model, self.hparams.lr, self.hparams.weight_decay, self.hparams.mapper_lr)
-
-    # -- checkpoints ------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Save what training changed (LoRA, mapper, head) and the configuration sets, not the frozen
-        backbone: loading rebuilds it from ``model_name`` and checks the weights' fingerprint."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["coalora"] = {
-            "task": self.task_type,
-            "fingerprint": self.fingerprint,
-            **self.configs.state(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("coalora")
-        if state is None:
-            raise CoaloraError("checkpoint has no coalora state; was it written by `coalora fit`?")
-        written_by = state.get("task", self.task_type)
-        if written_by != self.task_type:
-            raise CoaloraError(
-                f"checkpoint was written by a '{written_by}' task, not '{self.task_type}'; "
-                "load it with that task (or `coalora evaluate`, which picks the task itself)"
-            )
-        if state["fingerprint"] != self.fingerprint:
-            raise CoaloraError(
-                f"checkpoint was trained on another backbone (weights {state['fingerprint']}, "
-                f"this model {self.fingerprint}); pass the model_name it was trained with"
-            )
-        for key, value in self.state_dict().items():  # the frozen backbone, verified by the fingerprint above
-            checkpoint["state_dict"].setdefault(key, value)
-        self.configs.load_state(state)

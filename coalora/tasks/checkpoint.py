@@ -143,8 +143,14 @@ def task_class(checkpoint: dict) -> type[CoALoRATask]:
     return cls
 
 
-def load_task(path: str | os.PathLike) -> CoALoRATask:
+def load_task(
+    path: str | os.PathLike, rounding: str | None = None, data_overrides: dict | None = None
+) -> CoALoRATask:
     """Rebuild the task a checkpoint was written by, with its weights and configuration sets, in eval mode.
+
+    ``rounding`` (default: the run's own) is how it quantizes configurations from now on; ``gptq``
+    calibrates on the run's training examples, with its saved data arguments and ``data_overrides``
+    (see :mod:`coalora.tasks.calibrated` for whose statistics).
 
     Like ``load_from_checkpoint``, but from a weights-only read and with one-line errors. The configuration
     sets come from the checkpoint, so coalora/shared tasks never run the allocator; qlora/lqlora still
@@ -172,4 +178,12 @@ def load_task(path: str | os.PathLike) -> CoALoRATask:
         raise CoaloraError(
             f"checkpoint '{path}' does not fit its own hyperparameters ({first_line(err)})"
         ) from None
-    return task.eval()
+    task.eval()
+    rounding = rounding or task.hparams.get("rounding", "nearest")
+    if rounding != task.model.rounder.method or not task.model.rounder.ready:
+        data = None
+        if rounding == "gptq":
+            saved = dict(checkpoint.get("datamodule_hyper_parameters", {}))
+            data = task.data_module(**{**saved, **(data_overrides or {})})
+        task.serve_with(rounding, data)
+    return task

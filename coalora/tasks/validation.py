@@ -16,6 +16,7 @@ from coalora.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Bound, check_values
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import budget_range, check_budget
 from coalora.quant.codebooks import CODE_FAMILIES
+from coalora.quant.rounding import ROUNDINGS
 from coalora.tasks.methods import method_spec
 
 #: the task arguments with a numeric range (the prefix ``model.`` is what the CLI calls them)
@@ -37,6 +38,7 @@ TASK_BOUNDS: dict[str, Bound] = {
     "eval_budgets": Bound(optional=True),
     "low_bit_draw": Bound(optional=True),
     "train_budget": Bound(optional=True),
+    "calibration_examples": POSITIVE_INT,
 }
 #: the methods a single configuration (``train_budget`` or ``qconfig``) applies to
 ONE_CONFIGURATION = ("qlora", "lqlora")
@@ -50,6 +52,14 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
         raise CoaloraError(
             f"model.code_family must be one of {', '.join(CODE_FAMILIES)}, got {arguments['code_family']!r}; "
             "pass one of those"
+        )
+    rounding = arguments.get("rounding", "nearest")
+    if rounding not in ROUNDINGS:
+        raise CoaloraError(f"model.rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    if rounding == "gptq" and method.lqlora_init:
+        raise CoaloraError(
+            "model.rounding gptq does not apply to lqlora (its base is LQ-LoRA's own Q(W - L)); "
+            "use rounding: nearest, or method qlora with rounding: gptq"
         )
     for name in ("train_budgets", "eval_budgets"):
         for budget in arguments.get(name) or ():

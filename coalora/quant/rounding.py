@@ -1,0 +1,99 @@
+"""How a configuration's codes are chosen: round-to-nearest, or activation-aware (GPTQ) rounding.
+
+Both keep the option's grid, block scales and packed bytes (only the codes differ), so every artifact
+reads with the same reader. ``gptq`` needs each target's input statistics H = E[x xᵀ]
+(:mod:`coalora.quant.calibration`); a :class:`Rounder` holds them, so the weight cache, the artifact
+writer and the adaptive model quantize alike, and one place says which rounding a model uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+
+from coalora.errors import CoaloraError
+from coalora.quant.options import QuantOption
+from coalora.quant.quantizer import PackedTensor, fake_quantize, quantize
+
+Rounding = Literal["nearest", "gptq"]
+ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+#: GPTQ's dampening: this fraction of H's mean diagonal is added to its diagonal before inverting
+GPTQ_DAMP = 0.01
+
+
+def check_rounding(rounding: str) -> Rounding:
+    if rounding not in ROUNDINGS:
+        raise CoaloraError(f"rounding must be one of {', '.join(ROUNDINGS)}, got '{rounding}'")
+    return rounding  # type: ignore[return-value]
+
+
+@dataclass
+class Rounder:
+    """Quantizes one named target matrix at one option with the model's rounding."""
+
+    method: Rounding = "nearest"
+    family: str = "nf"
+    #: target name -> H (in × in), for ``gptq``; matrices reading one input may share one tensor
+    hessians: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    damp: float = GPTQ_DAMP
+    _factors: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        check_rounding(self.method)
+
+    @property
+    def ready(self) -> bool:
+        """Whether it can quantize now (``gptq`` needs its statistics first)."""
+        return self.method == "nearest" or self.hessians is not None
+
+    def _factor(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """GPTQ's feedback factor of ``name``'s input site, computed once per site (matrices reading one
+        input share one H tensor, hence one factor)."""
+        if self.hessians is None:
+            raise CoaloraError(
+                "gptq rounding needs calibration statistics first (the task computes them from its "
+                "training data); or use rounding: nearest"
+            )
+        if name not in self.hessians:
+            raise CoaloraError(f"no calibration statistics for target '{name}'; recalibrate the model")
+        from coalora.quant.gptq_factor import feedback_factor
+
+        hessian = self.hessians[name]
+        key = (id(hessian), weight.device)
+        if key not in self._factors:
+            self._factors[key] = feedback_factor(hessian.to(weight.device), self.damp)
+        return self._factors[key]
+
+    def packed(self, name: str, weight: torch.Tensor, option: QuantOption) -> PackedTensor:
+        """The packed, deployable form of ``weight`` (matrix ``name``) at ``option``."""
+        return self.packed_many([name], [weight], [option])[0]
+
+    def dense(self, name: str, weight: torch.Tensor, option: QuantOption) -> torch.Tensor:
+        """The dequantized float32 weight (bit for bit ``packed(...).dequantize()``)."""
+        return self.dense_many([name], [weight], [option])[0]
+
+    def packed_many(
+        self, names: Sequence[str], weights: Sequence[torch.Tensor], options: Sequence[QuantOption]
+    ) -> list[PackedTensor]:
+        """:meth:`packed` of several matrices; GPTQ rounds matrices of one input width together (a
+        configuration's matrices cost about one matrix's column steps per width)."""
+        if self.method == "nearest":
+            return [quantize(w.detach(), o, self.family) for w, o in zip(weights, options, strict=True)]
+        from coalora.quant.gptq import gptq_quantize_many
+
+        factors = [self._factor(n, w) for n, w in zip(names, weights, strict=True)]
+        return gptq_quantize_many([w.detach() for w in weights], list(options), self.family, factors)
+
+    def dense_many(
+        self, names: Sequence[str], weights: Sequence[torch.Tensor], options: Sequence[QuantOption]
+    ) -> list[torch.Tensor]:
+        """:meth:`dense` of several matrices (see :meth:`packed_many`)."""
+        if self.method == "nearest":
+            return [fake_quantize(w.detach(), o, self.family) for w, o in zip(weights, options, strict=True)]
+        from coalora.quant.gptq import gptq_fake_quantize_many
+
+        factors = [self._factor(n, w) for n, w in zip(names, weights, strict=True)]
+        return gptq_fake_quantize_many([w.detach() for w in weights], list(options), self.family, factors)
