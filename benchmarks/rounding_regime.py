@@ -132,11 +132,45 @@ def cells(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def collected_rows() -> list[dict]:
+    """Every finished evaluation under ``runs/rounding``: the regime's own (``<cell>/eval``) and partial
+    ones run by hand at the budgets only (``<cell>/eval-budgets``), one row per (cell, seed, label)."""
+    rows: dict[tuple, dict] = {}
+    for path in sorted((REPO / "runs" / "rounding").glob("s*/*/eval*/eval.json")):
+        seed, cell = int(path.parts[-4][1:]), path.parts[-3].replace("_", "@")
+        for row in json.loads(path.read_text())["results"]:
+            if row["kind"] == "fp" and cell != "fp-nearest":
+                continue
+            kind = {"qconfig": "random", "own": "budget"}.get(row["kind"], row["kind"])
+            rows[(cell, seed, row["label"])] = {
+                "method": cell.split("@")[0],
+                "seed": seed,
+                "label": row["label"],
+                "kind": kind,
+                "avg_bits": row["avg_bits"],
+                "rounding": row.get("rounding", "nearest"),
+                "accuracy": row["accuracy"],
+            }
+    return list(rows.values())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--only", nargs="+", default=None, help="cells by method name (qlora: every budget)")
+    parser.add_argument("--collect", action="store_true", help="only rebuild the JSON from finished runs")
     args = parser.parse_args(argv)
+    if args.collect:
+        rows = collected_rows()
+        report = {
+            "command": "python benchmarks/rounding_regime.py --collect",
+            "settings": {**SETTINGS, "precision": "fp32", "budgets": list(BUDGETS), "random": 20},
+            "cells": cells(rows),
+            "rows": rows,
+        }
+        OUT.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report["cells"], indent=1))
+        return
     old = json.loads(OUT.read_text())["rows"] if OUT.is_file() else []
     rows = []
     for seed in args.seeds:

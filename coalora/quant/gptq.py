@@ -37,9 +37,10 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.codebooks import Array, NearestLookup, SearchScratch, uses_numpy
-from coalora.quant.gptq_factor import PARALLEL_MIN_MACS, feedback_factor, torch_threads
+from coalora.quant.gptq_factor import PARALLEL_MIN_MACS, feedback_factor
 from coalora.quant.options import QuantOption
 from coalora.quant.quantizer import BlockedWeight, PackedTensor, packed_with_codes
+from coalora.utils import intra_op_threads
 
 #: Columns per lazy batch (GPTQ's default; 16 to 128 cost the same on MiniLM within the machine's noise,
 #: docs/bench/gptq.json). The result does not depend on it, but for float rounding.
@@ -211,7 +212,7 @@ def _push(
     block = errors[first - start : last - start]
     for rows, factor in stack.runs:
         macs = (last - first) * (until - last) * (rows.stop - rows.start)
-        with torch_threads(threads if macs >= PARALLEL_MIN_MACS else 1):
+        with intra_op_threads(threads if macs >= PARALLEL_MIN_MACS else 1):
             stack.weights[last:until, rows].addmm_(
                 factor[first:last, last:until].t(), block[:, rows], alpha=-1
             )
@@ -296,7 +297,7 @@ def _rounded(
 ) -> list[_Member]:
     """Round every matrix: on one thread but for products over :data:`PARALLEL_MIN_MACS`."""
     threads = torch.get_num_threads()
-    with torch_threads(1):
+    with intra_op_threads(1):
         members = _members(weights, options, factors)
         _round_all(members, family, block_columns, keep_values, threads)
         return members
@@ -315,7 +316,7 @@ def gptq_quantize_many(
     matrices that read one input (q, k, v): they then share their site's products.
     """
     members = _rounded(weights, options, family, factors, block_columns, keep_values=False)
-    with torch_threads(1):
+    with intra_op_threads(1):
         return [
             packed_with_codes(m.codes, tuple(m.weight.shape), m.option, family, m.blocked)
             for m in members

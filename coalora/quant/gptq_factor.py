@@ -6,28 +6,15 @@ reused for every configuration (a Cholesky factorisation of an (in × in) matrix
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from coalora.errors import CoaloraError
+from coalora.utils import intra_op_threads
 
 #: Products (and factorisations) with fewer multiply-adds run on one thread. On the shared 2-core machine
 #: torch's two-thread regions were several times slower, not faster, with other processes busy
 #: (docs/bench/gptq.json); only work that dwarfs a scheduler slice uses the caller's threads.
 PARALLEL_MIN_MACS = 1 << 31
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run torch on ``count`` threads inside the block (and restore the caller's count after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def feedback_factor(
@@ -46,7 +33,7 @@ def feedback_factor(
     """
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise CoaloraError(f"the Hessian must be a square matrix; got shape {tuple(hessian.shape)}")
-    with torch_threads(torch.get_num_threads() if len(hessian) ** 3 // 3 >= PARALLEL_MIN_MACS else 1):
+    with intra_op_threads(torch.get_num_threads() if len(hessian) ** 3 // 3 >= PARALLEL_MIN_MACS else 1):
         if not bool(torch.isfinite(hessian).all()):
             raise CoaloraError(
                 "the Hessian has NaN or infinite entries; recompute the calibration statistics"
