@@ -29,7 +29,7 @@ from pathlib import Path
 
 from compare_methods import REPO, _env, train
 from eval_reuse import evaluate_once
-from lowbit_regime import BUDGETS, HERE, SETTINGS, random_configs
+from lowbit_regime import BUDGETS, HERE, SETTINGS, mean_std, random_configs
 
 OUT = REPO / "docs" / "bench" / "rounding.json"
 FP32 = ["--trainer.precision", "32-true"]
@@ -104,10 +104,6 @@ def run_seed(seed: int, only: list[str] | None) -> list[dict]:
                 }
             )
     return rows
-
-
-def mean_std(values: list[float]) -> list[float]:
-    return [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
 
 
 def cells(rows: list[dict]) -> dict[str, dict]:

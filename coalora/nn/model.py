@@ -154,13 +154,15 @@ class CoALoRAModel(nn.Module):
             [None] * len(self.layers) if config is None else [config.matrices[n] for n in self.space.names]
         )
         pinned, self._pinned = self._pinned, False
-        self.cache.prefetch(
-            [
-                (self.space.names[i], option, layer.weight)
-                for i, (layer, option) in enumerate(zip(self.layers, options, strict=True))
-                if option is not None and (pinned or option != self._active[i] or layer.active_weight is None)
-            ]
-        )
+        if self.rounder.method != "nearest":  # GPTQ rounds a configuration's missing matrices together
+            self.cache.prefetch(
+                [
+                    (self.space.names[i], option, layer.weight)
+                    for i, (layer, option) in enumerate(zip(self.layers, options, strict=True))
+                    if option is not None
+                    and (pinned or option != self._active[i] or layer.active_weight is None)
+                ]
+            )
         for i, (layer, option) in enumerate(zip(self.layers, options, strict=True)):
             current = option == self._active[i] and (option is None or layer.active_weight is not None)
             if current and not pinned:
