@@ -12,6 +12,10 @@ set against a bf16 row). Cells, chosen before any run:
   round-to-nearest or by GPTQ with the fine-tuned model's statistics (128 training sentences).
 - ``qlora`` / ``qlora-gptq``: one QLoRA run per budget, trained (and served) under that rounding.
 - ``coalora-frozen`` / ``coalora-frozen-gptq``: CoA-LoRA on the frozen set, trained under that rounding.
+- ``warm-coalora-frozen-gptq`` (item 5's first recipe, chosen before running): the seed's fp-LoRA run, then
+  100 more steps of ``coalora-frozen-gptq`` starting from its adapter (``callbacks.AdapterWarmStart``):
+  200 steps in all. Its control at equal steps is ``fp2-gptq``: fp-LoRA for two epochs (200 steps),
+  every configuration rounded by GPTQ after training.
 
 Nothing is selected on dev: every run is evaluated from its ``last.ckpt``. Runs live in
 ``runs/rounding/s<seed>/<cell>/`` and are skipped once done (evaluations are reused only under the same
@@ -29,9 +33,21 @@ from pathlib import Path
 
 from compare_methods import REPO, _env, train
 from eval_reuse import evaluate_once
-from lowbit_regime import BUDGETS, HERE, SETTINGS, mean_std, random_configs
+from lowbit_regime import (
+    BUDGETS,
+    HERE,
+    SETTINGS,
+    difference,
+    gap,
+    markdown,
+    mean_std,
+    per_seed,
+    plot,
+    random_configs,
+)
 
 OUT = REPO / "docs" / "bench" / "rounding.json"
+FULL = "fp-lora (unquantized)"
 FP32 = ["--trainer.precision", "32-true"]
 BUDGET_FLAG = "[" + ", ".join(str(b) for b in BUDGETS) + "]"
 COMMON = ["--model.eval_budgets", BUDGET_FLAG, "--trainer.limit_val_batches", "0", *FP32]
@@ -51,6 +67,14 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
         "gptq",
     ),
 }
+CELLS["warm-coalora-frozen-gptq"] = (
+    "warm-coalora-frozen-gptq",
+    CELLS["coalora-frozen-gptq"][1],
+    "gptq",
+)
+CELLS["fp2-gptq"] = ("fp2", ["--config", "configs/baselines/fp.yaml"], "gptq")
+#: cells trained for two epochs (the warm start's 100 + 100 steps, at equal steps)
+TWO_EPOCHS = {"fp2-gptq"}
 for _budget in BUDGETS:
     _qlora = ["--config", "configs/baselines/qlora.yaml", "--model.train_budget", str(_budget)]
     CELLS[f"qlora@{_budget}"] = (f"qlora@{_budget}", _qlora, "nearest")
@@ -85,7 +109,13 @@ def run_seed(seed: int, only: list[str] | None) -> list[dict]:
     for cell, (name, flags, rounding) in CELLS.items():
         if only and cell.split("@")[0] not in only:
             continue
-        record = train(name, [*flags, *COMMON], root, SETTINGS, seed)
+        settings = {**SETTINGS, "epochs": 2} if cell in TWO_EPOCHS else SETTINGS
+        if cell.startswith("warm-"):
+            fp_name, fp_flags, _ = CELLS["fp-nearest"]
+            source = train(fp_name, [*fp_flags, *COMMON], root, SETTINGS, seed)["ckpt"]
+            flags = [*flags, "--trainer.callbacks+=callbacks.AdapterWarmStart"]
+            flags += ["--trainer.callbacks.checkpoint", source]
+        record = train(name, [*flags, *COMMON], root, settings, seed)
         serves_any = not cell.startswith("qlora")
         for row in evaluate(record, root, cell, rounding, serves_any):
             if row["kind"] == "fp" and cell != "fp-nearest":
@@ -138,16 +168,54 @@ def collected_rows() -> list[dict]:
             if row["kind"] == "fp" and cell != "fp-nearest":
                 continue
             kind = {"qconfig": "random", "own": "budget"}.get(row["kind"], row["kind"])
+            done = path.parents[1].parent / CELLS[cell][0].replace("@", "_") / "done.json"
+            seconds = json.loads(done.read_text())["train_seconds"] if done.is_file() else None
             rows[(cell, seed, row["label"])] = {
-                "method": cell.split("@")[0],
+                # the unquantized model is its own line: one number per fp run, whatever the rounding
+                "method": FULL if row["kind"] == "fp" else cell.split("@")[0],
                 "seed": seed,
                 "label": row["label"],
                 "kind": kind,
                 "avg_bits": row["avg_bits"],
                 "rounding": row.get("rounding", "nearest"),
                 "accuracy": row["accuracy"],
+                "train_seconds": seconds,
             }
     return list(rows.values())
+
+
+def comparisons(rows: list[dict]) -> dict[str, object]:
+    """The issue's comparisons, each a per-seed difference (points, mean ± std over the seeds both have):
+    every cell against QLoRA-nearest (per budget at 1 run each) and against fp-gptq; the gap to
+    full precision at 2.1 bits."""
+    out: dict[str, object] = {}
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows)]
+    for method in methods:
+        if method != "qlora":
+            for key, value in difference(rows, method, "qlora").items():
+                out[f"{method}_minus_qlora_{key}"] = value
+        if method != "fp-gptq":
+            for key, value in difference(rows, method, "fp-gptq").items():
+                if key != "per_budget":
+                    out[f"{method}_minus_fp-gptq_{key}"] = value
+    full = per_seed(rows, FULL, "fp")
+    for method in (m for m in methods if m != FULL):
+        at = per_seed(rows, method, "budget", str(BUDGETS[0]))
+        found = gap(full, at)
+        if found:
+            out[f"fp_minus_{method}_at_{BUDGETS[0]}"] = mean_std(found)
+    return out
+
+
+def minutes(rows: list[dict], method: str) -> float | None:
+    """Training minutes per seed: a per-budget method trains once per budget, the others once."""
+    per = []
+    for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
+        runs = {r["label"]: r["train_seconds"] for r in rows if r["method"] == method and r["seed"] == seed}
+        seconds = [v for v in runs.values() if v is not None]
+        if seconds:
+            per.append(sum(seconds) if method.startswith("qlora") else seconds[0])
+    return round(statistics.fmean(per) / 60, 1) if per else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,8 +232,14 @@ def main(argv: list[str] | None = None) -> None:
             "cells": cells(rows),
             "rows": rows,
         }
+        report["comparisons"] = comparisons(rows)
         OUT.write_text(json.dumps(report, indent=1) + "\n")
-        print(json.dumps(report["cells"], indent=1))
+        summary = report["cells"]
+        for method, entry in summary.items():
+            entry["train_minutes_per_seed"] = minutes(rows, method)
+        OUT.with_suffix(".md").write_text(markdown(summary, report["comparisons"]))
+        plot(rows, summary, OUT.with_suffix(".png"))
+        print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
         return
     old = json.loads(OUT.read_text())["rows"] if OUT.is_file() else []
     rows = []
