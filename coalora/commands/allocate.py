@@ -2,8 +2,10 @@
 
 One budget writes ``--out FILE``; several write ``<budget>bits.json`` files into ``--out-dir``. The error
 table is cached (``--cache-dir``, ``$COALORA_CACHE`` or ``~/.cache/coalora``), so only the first run on a
-backbone pays for it. ``--fisher-glue-task`` weighs errors by an empirical Fisher from that task's
-training sentences.
+backbone pays for it. ``--error-weighting fisher`` weighs errors by an empirical Fisher, ``activation`` by
+each matrix's input statistics (tr(E H Eᵀ)), both from training text: ``--glue-task`` (a GLUE task's
+training sentences) or ``--text`` (files). The older ``--fisher-glue-task``/``--fisher-text`` name the same
+text and, without ``--error-weighting``, still mean ``fisher``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from coalora.checks import FINITE, POSITIVE_INT, arg, check_output_dir, check_ou
 from coalora.errors import CoaloraError
 from coalora.pretrained import DEFAULT_MODEL
 from coalora.quant.codebooks import CODE_FAMILIES
+from coalora.quant.error_weighting import ERROR_WEIGHTINGS
 from coalora.quant.options import BITS_CHOICES, OPTION_SPACE
 from coalora.utils import budget_label
 
@@ -35,21 +38,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--out", default=None, help="qconfig file to write (one budget)")
     where.add_argument("--out-dir", default=None, help="folder for one <budget>bits.json per budget")
-    fisher = parser.add_mutually_exclusive_group()
-    fisher.add_argument(
-        "--fisher-glue-task", default=None, help="weigh errors by a Fisher from this task's text"
+    parser.add_argument(
+        "--error-weighting",
+        choices=ERROR_WEIGHTINGS,
+        default=None,
+        help="how the error table weighs each matrix's quantization error: none (plain squared error), "
+        "fisher (empirical Fisher of an LM loss on the text) or activation (tr(E H E^T) with H the "
+        "matrix's input second moment over the text); fisher and activation need --glue-task or --text "
+        "(default: fisher with --fisher-glue-task/--fisher-text, else none)",
     )
-    fisher.add_argument(
-        "--fisher-text",
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument(
+        "--glue-task", default=None, help="training sentences of this GLUE task, for --error-weighting"
+    )
+    text.add_argument(
+        "--text",
         nargs="+",
         default=None,
-        help="weigh errors by a Fisher from these text files or folders (.txt, .jsonl, .json.gz): decoders",
+        help="text files or folders (.txt, .jsonl, .json.gz) for --error-weighting: decoders",
     )
+    text.add_argument(
+        "--fisher-glue-task", default=None, help="as --glue-task; implies --error-weighting fisher"
+    )
+    text.add_argument("--fisher-text", nargs="+", default=None, help="as --text; implies fisher")
     parser.add_argument(
         "--glue-dir", default=None, help="local GLUE folder (default: $GLUE_DIR or ../shared/data)"
     )
     parser.add_argument(
-        "--fisher-samples", type=arg(POSITIVE_INT), default=256, help="sentences for the Fisher (default 256)"
+        "--fisher-samples", type=arg(POSITIVE_INT), default=256, help="texts for the Fisher (default 256)"
+    )
+    parser.add_argument(
+        "--calibration-samples",
+        type=arg(POSITIVE_INT),
+        default=128,
+        help="texts for the activation statistics (default 128)",
     )
     parser.add_argument(
         "--codes", choices=CODE_FAMILIES, default="nf", help="code family: NormalFloat or int"
@@ -76,23 +98,48 @@ def _outputs(args: argparse.Namespace) -> list[Path | None]:
     return [None] * len(budgets)
 
 
-def _fisher_texts(args: argparse.Namespace) -> list[str] | None:
-    if args.fisher_text is not None:
+def _weighting(args: argparse.Namespace) -> str:
+    """The error weighting asked for, checked against the text given (one line on a mismatch)."""
+    older = args.fisher_glue_task is not None or args.fisher_text is not None
+    given = older or args.glue_task is not None or args.text is not None
+    weighting = args.error_weighting
+    if weighting is None:
+        if given and not older:
+            raise CoaloraError(
+                "--glue-task/--text give the text for --error-weighting fisher or activation; add one"
+            )
+        weighting = "fisher" if older else "none"
+    if weighting == "none" and given:
+        raise CoaloraError(
+            "--error-weighting none reads no text; drop --glue-task/--text or choose a weighting"
+        )
+    if weighting != "none" and not given:
+        raise CoaloraError(
+            f"--error-weighting {weighting} needs training text; add --glue-task TASK or --text FILE"
+        )
+    if weighting == "none" and args.glue_dir is not None:
+        raise CoaloraError(
+            "--glue-dir only matters with --glue-task or --text (and a weighting); add one or drop --glue-dir"
+        )
+    return weighting
+
+
+def _texts(args: argparse.Namespace) -> list[str] | None:
+    """The training text of --glue-task/--text (or their older --fisher-* names); None without one."""
+    files = args.text if args.text is not None else args.fisher_text
+    if files is not None:
         from coalora.data.glue_files import default_glue_dir
         from coalora.data.text_files import read_documents
 
         folder = Path(args.glue_dir) if args.glue_dir else default_glue_dir()
-        return read_documents(args.fisher_text, folder)
-    if args.fisher_glue_task is None:
-        if args.glue_dir is not None:
-            raise CoaloraError(
-                "--glue-dir only matters with --fisher-glue-task or --fisher-text; add one or drop --glue-dir"
-            )
+        return read_documents(files, folder)
+    task = args.glue_task or args.fisher_glue_task
+    if task is None:
         return None
     from coalora.data.glue import get_task
     from coalora.data.glue_files import load_split
 
-    spec = get_task(args.fisher_glue_task)
+    spec = get_task(task)
     rows = load_split(spec.name, "train", glue_dir=args.glue_dir)
     return [" ".join(str(row[field]) for field in spec.text_fields) for row in rows]
 
@@ -105,11 +152,23 @@ def run(args: argparse.Namespace) -> int:
     outputs = _outputs(args)
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache-dir")
-    texts = _fisher_texts(args)
+    weighting = _weighting(args)
+    texts = _texts(args)
     start = time.perf_counter()
-    space, table = model_error_table(args.model, texts, args.codes, args.cache_dir, args.fisher_samples)
-    source = args.fisher_glue_task or (args.fisher_text and ", ".join(args.fisher_text))
-    kind = "plain" if texts is None else f"Fisher ({source})"
+    space, table = model_error_table(
+        args.model,
+        texts,
+        args.codes,
+        args.cache_dir,
+        args.fisher_samples,
+        weighting=weighting,
+        calibration_samples=args.calibration_samples,
+    )
+    files = args.text or args.fisher_text
+    source = args.glue_task or args.fisher_glue_task or (files and ", ".join(files))
+    kind = {"none": "plain", "fisher": f"Fisher ({source})", "activation": f"activation ({source})"}[
+        weighting
+    ]
     print(
         f"{args.model}: {len(space)} matrices x {len(OPTION_SPACE)} options, {kind} {args.codes} error table "
         f"ready in {time.perf_counter() - start:.1f} s"

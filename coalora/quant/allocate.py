@@ -143,17 +143,30 @@ def total_error(
 
 def model_error_table(
     model_name: str,
-    fisher_texts: list[str] | None = None,
+    texts: list[str] | None = None,
     family: str = "nf",
     cache_dir: str | os.PathLike | None = None,
     fisher_samples: int = 256,
+    weighting: str | None = None,
+    calibration_samples: int = 128,
 ) -> tuple[ConfigSpace, torch.Tensor]:
     """Load the backbone and its error table: an encoder as a classifier, a decoder as a causal LM (the
-    module names the qconfig files use are the tasks', and the same for both Auto classes of a decoder)."""
+    module names the qconfig files use are the tasks', and the same for both Auto classes of a decoder).
+
+    ``weighting`` (:mod:`~coalora.quant.error_weighting`; None: ``fisher`` when ``texts`` are given, as
+    before, else ``none``): ``fisher`` takes the Fisher from ``fisher_samples`` of ``texts``, ``activation``
+    the input statistics from ``calibration_samples`` of them."""
     from coalora.pretrained import is_decoder, load_causal_lm, load_classifier
-    from coalora.quant.targets import discover_targets, target_weights
+    from coalora.quant.error_weighting import check_error_weighting
+    from coalora.quant.targets import discover_targets, target_weights, weights_fingerprint
     from coalora.utils import quiet_transformers
 
+    weighting = check_error_weighting(weighting or ("none" if texts is None else "fisher"), "weighting")
+    if (weighting == "none") != (texts is None):
+        raise CoaloraError(
+            f"error weighting '{weighting}' {'takes no' if texts is not None else 'needs'} texts; "
+            + ("drop them" if texts is not None else "pass training sentences")
+        )
     with quiet_transformers():
         model = (
             load_causal_lm(model_name)
@@ -162,28 +175,37 @@ def model_error_table(
         )
     targets = discover_targets(model)
     weights = target_weights(model, targets)
-    fisher = None
-    if fisher_texts is not None:
+    fisher = hessians = None
+    if weighting == "fisher":
         from coalora.quant.fisher import cached_fisher
 
-        fisher = cached_fisher(
-            model_name, fisher_texts, targets, weights, cache_dir, num_samples=fisher_samples
-        )
-    table = cached_error_table(weights, OPTION_SPACE, fisher, family, cache_dir)
+        assert texts is not None
+        fisher = cached_fisher(model_name, texts, targets, weights, cache_dir, num_samples=fisher_samples)
+    elif weighting == "activation":
+        from coalora.pretrained import load_tokenizer
+        from coalora.quant.error_weighting import backbone_hessians, text_batches
+
+        assert texts is not None
+        batches = text_batches(load_tokenizer(model_name), texts, calibration_samples)
+        fingerprint = weights_fingerprint(weights)
+        hessians = backbone_hessians(model, model_name, batches, fingerprint, cache_dir)
+    table = cached_error_table(weights, OPTION_SPACE, fisher, family, cache_dir, hessians)
     return ConfigSpace(targets, model=model_name), table
 
 
 def allocate_for_model(
     model_name: str,
     budgets: list[float],
-    fisher_texts: list[str] | None = None,
+    texts: list[str] | None = None,
     family: str = "nf",
     cache_dir: str | os.PathLike | None = None,
+    weighting: str | None = None,
 ) -> list[tuple[QConfig, float]]:
-    """One configuration (and its avg_bits) per budget, for a backbone named on the hub or a local folder."""
+    """One configuration (and its avg_bits) per budget, for a backbone named on the hub or a local folder
+    (``texts`` and ``weighting`` as :func:`model_error_table` takes them)."""
     for budget in budgets:  # fail before the expensive part
         check_budget(budget)
-    space, table = model_error_table(model_name, fisher_texts, family, cache_dir)
+    space, table = model_error_table(model_name, texts, family, cache_dir, weighting=weighting)
     results = []
     for budget in budgets:
         config = allocate(space, table, budget)

@@ -1,6 +1,8 @@
 """Per-matrix error tables (SPEC §2.5): the squared quantization error of every matrix under every option.
 
-The error of matrix i under option c is e_ic = sum(F_i * (W_i - Q_c(W_i))^2) (F = 1 without a Fisher).
+The error of matrix i under option c is e_ic = sum(F_i * (W_i - Q_c(W_i))^2) (F = 1 without a Fisher), or,
+weighted by the input statistics H_i = E[x xᵀ] of the matrix (issue 24, item 6), tr(E H_i Eᵀ) with
+E = W_i - Q_c(W_i): the mean squared error of the layer's outputs rather than of its weights.
 Tables take tens of seconds, so they are cached on disk, keyed by everything they depend on.
 """
 
@@ -31,8 +33,9 @@ def error_table(
     options: Sequence[QuantOption] = OPTION_SPACE,
     fisher: dict[str, torch.Tensor] | None = None,
     family: str = "nf",
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(N matrices, K options) float64 table of (Fisher-weighted) squared quantization errors.
+    """(N matrices, K options) float64 table of (Fisher- or activation-weighted) squared quantization errors.
 
     Rows follow ``weights``' order. Equal (to float32 rounding) to summing ``F * (W - fake_quantize(W))**2``
     but ~4x faster: options that differ only in ``bits`` share their dequantized scales and their position
@@ -42,10 +45,19 @@ def error_table(
     block size; no Python loop over blocks.
     It runs on one thread: these short elementwise ops gain little from a second one, and OpenMP's barriers
     make them many times slower whenever another process holds a core.
+
+    With ``hessians`` (each matrix's (in, in) input second moment) an entry is tr(E H Eᵀ), E the signed
+    rounding residual of the same lookup; a group's residuals are stacked into one product with H, which
+    runs on the caller's threads (float64 on a GPU, float32 on the CPU).
     """
     names = list(weights)
+    if fisher is not None and hessians is not None:
+        raise CoaloraError("weigh the error table by a Fisher or by input statistics, not both; pass one")
     if fisher is not None:
         _check_fisher(weights, fisher)
+    if hessians is not None:
+        _check_hessians(weights, hessians)
+    threads = torch.get_num_threads()
     lookup = _BinLookup.build(family, tuple(sorted({o.bits for o in options})))
     groups: dict[tuple, list[int]] = {}  # options equal but for bits share their scales
     for k, option in enumerate(options):
@@ -59,13 +71,27 @@ def error_table(
             weight = weights[name]
             on_device = lookup.to(weight.device)
             importance = None if fisher is None else fisher[name].to(weight.device)
+            h = None
+            if hessians is not None:  # only H's symmetric part counts in tr(E H Eᵀ); its upper half is read
+                h = hessians[name].to(weight.device, _product_dtype(weight.device))
+                h = (h + h.T) / 2
             for block in block_sizes:
                 matrix = _Blocked.of(weight, importance, block)
                 for key, columns in groups.items():
                     if key[0] == block:
                         group = [options[k] for k in columns]
-                        table[i, columns] = torch.tensor(matrix.errors(group, on_device), dtype=torch.float64)
+                        errors = (
+                            matrix.errors(group, on_device)
+                            if h is None
+                            else matrix.output_errors(group, on_device, h, threads)
+                        )
+                        table[i, columns] = torch.tensor(errors, dtype=torch.float64)
     return table
+
+
+def _product_dtype(device: torch.device) -> torch.dtype:
+    """float64 where it is cheap and no TF32 mode can round it (a GPU), float32 on the CPU (twice as fast)."""
+    return torch.float64 if device.type == "cuda" else torch.float32
 
 
 class _BinLookup:
@@ -120,6 +146,7 @@ class _Blocked:
     fisher: torch.Tensor | None  # same shape, or None for plain errors
     absmax: torch.Tensor  # (n_blocks,)
     zeroed: torch.Tensor  # (n_blocks,) each block's error if its scale quantizes to 0
+    shape: tuple[int, ...]  # the matrix's own (out, in)
 
     @staticmethod
     def of(weight: torch.Tensor, fisher: torch.Tensor | None, block: int) -> _Blocked:
@@ -130,15 +157,22 @@ class _Blocked:
         blocks = cut(weight)
         fblocks = None if fisher is None else cut(fisher)
         squares = blocks.square() if fblocks is None else blocks.square() * fblocks
-        return _Blocked(blocks, fblocks, blocks.abs().amax(dim=1), squares.sum(1))
+        absmax = blocks.abs().amax(dim=1)
+        return _Blocked(blocks, fblocks, absmax, squares.sum(1), tuple(weight.shape))
+
+    def scaled(
+        self, option: QuantOption, lookup: _BinLookup
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The blocks' dequantized scales under ``option``, the weights divided by them as the quantizer
+        divides (flat) and each weight's bin in ``lookup`` (flat int32)."""
+        scales = double_quantize_scales(self.absmax, option)[3]
+        x = self.blocks / torch.where(scales > 0, scales, 1.0).unsqueeze(1)
+        bins = x.mul(lookup.half_bins).add_(lookup.half_bins).clamp_(0, 2 * lookup.half_bins - 1)
+        return scales, x.view(-1), bins.to(torch.int32).view(-1)
 
     def errors(self, group: list[QuantOption], lookup: _BinLookup) -> list[float]:
         """Errors of options that differ only in ``bits``: (W - level * s)^2 = s^2 (W / s - level)^2."""
-        scales = double_quantize_scales(self.absmax, group[0])[3]
-        x = self.blocks / torch.where(scales > 0, scales, 1.0).unsqueeze(1)  # as the quantizer divides
-        bins = x.mul(lookup.half_bins).add_(lookup.half_bins).clamp_(0, 2 * lookup.half_bins - 1)
-        bins = bins.to(torch.int32).view(-1)
-        x = x.view(-1)
+        scales, x, bins = self.scaled(group[0], lookup)
         dead = float(self.zeroed[scales == 0].sum(dtype=torch.float64))  # blocks whose scale became 0
         if self.fisher is None:
             weight, squared_scales = None, scales.square().double()
@@ -158,6 +192,42 @@ class _Blocked:
             result.append(float(error) + dead)
         return result
 
+    def output_errors(
+        self, group: list[QuantOption], lookup: _BinLookup, hessian: torch.Tensor, threads: int
+    ) -> list[float]:
+        """tr(E H Eᵀ) of options that differ only in ``bits``, E = W - level * s (a block whose scale is 0
+        keeps E = W): the group's residuals are stacked as (len(group) * out, in) rows for one product."""
+        scales, x, bins = self.scaled(group[0], lookup)
+        numel = math.prod(self.shape)
+        stacked = torch.empty(len(group), self.blocks.numel(), device=x.device, dtype=torch.float32)
+        low, high = torch.empty_like(x), torch.empty_like(x)
+        for row, option in zip(stacked, group, strict=True):
+            torch.index_select(lookup.lower[option.bits], 0, bins, out=low)
+            torch.index_select(lookup.upper[option.bits], 0, bins, out=high)
+            nearer = (low - x).abs_() <= (high - x).abs_()
+            level = torch.where(nearer, low, high).view_as(self.blocks)
+            torch.sub(self.blocks, level * scales.unsqueeze(1), out=row.view_as(self.blocks))
+        residuals = stacked[:, :numel].reshape(len(group) * self.shape[0], -1).to(hessian.dtype)
+        with intra_op_threads(threads):  # large products: worth every thread the caller has
+            rows = _quadratic_forms(residuals, hessian)
+        return rows.view(len(group), -1).sum(1).tolist()
+
+
+def _quadratic_forms(rows: torch.Tensor, hessian: torch.Tensor, chunks: int = 4) -> torch.Tensor:
+    """e H eᵀ of every row e of ``rows`` (float64) for a symmetric H, from H's upper block triangle only:
+    a column chunk's diagonal block once, the blocks right of it twice, so the products cost
+    (1 + 1/chunks) / 2 of the full ``rows @ H`` (about 1.6x faster on MiniLM's matrices)."""
+    n = hessian.shape[0]
+    width = -(-n // chunks)
+    total = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for start in range(0, n, width):
+        stop = min(start + width, n)
+        product = rows[:, start:stop] @ hessian[start:stop, start:]
+        total += (product[:, : stop - start] * rows[:, start:stop]).sum(1, dtype=torch.float64)
+        if stop < n:
+            total += 2 * (product[:, stop - start :] * rows[:, stop:]).sum(1, dtype=torch.float64)
+    return total
+
 
 def _check_fisher(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
     for name, weight in weights.items():
@@ -173,6 +243,21 @@ def _check_fisher(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tens
             )
 
 
+def _check_hessians(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
+    for name, weight in weights.items():
+        h = hessians.get(name)
+        if h is None:
+            raise CoaloraError(
+                f"the input statistics have no entry for matrix '{name}'; compute them for the same backbone"
+            )
+        if weight.dim() != 2 or tuple(h.shape) != (weight.shape[1], weight.shape[1]):
+            raise CoaloraError(
+                f"the input statistics of '{name}' have shape {tuple(h.shape)}, but its weight "
+                f"{tuple(weight.shape)} needs ({weight.shape[-1]}, {weight.shape[-1]}); compute them for "
+                "the same backbone"
+            )
+
+
 def options_hash(options: Sequence[QuantOption]) -> str:
     """Short hash of an option list, in order (a table's columns follow it)."""
     text = ";".join(o.short() for o in options)
@@ -185,10 +270,15 @@ def table_cache_path(
     fisher: dict[str, torch.Tensor] | None = None,
     family: str = "nf",
     cache_dir: str | os.PathLike | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Where the table for these weights, options, Fisher and code family is (or would be) cached."""
-    fisher_key = "plain" if fisher is None else "fisher-" + weights_fingerprint(fisher)
-    parts = (f"v{TABLE_VERSION}", weights_fingerprint(weights), family, fisher_key, options_hash(options))
+    """Where the table for these weights, options, weighting (Fisher or input statistics) and code family
+    is (or would be) cached."""
+    if hessians is not None:
+        weighting = "act-" + weights_fingerprint(hessians)
+    else:
+        weighting = "plain" if fisher is None else "fisher-" + weights_fingerprint(fisher)
+    parts = (f"v{TABLE_VERSION}", weights_fingerprint(weights), family, weighting, options_hash(options))
     key = "errors-" + "-".join(parts)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return folder / f"{key}.pt"
@@ -213,12 +303,15 @@ def cached_error_table(
     fisher: dict[str, torch.Tensor] | None = None,
     family: str = "nf",
     cache_dir: str | os.PathLike | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """:func:`error_table`, read from the disk cache when present, else computed and written there."""
-    path = table_cache_path(weights, options, fisher, family, cache_dir)
+    """:func:`error_table`, read from the disk cache when present, else computed and written there.
+
+    Deterministic for given inputs, so DDP ranks computing it alike agree (each write is atomic)."""
+    path = table_cache_path(weights, options, fisher, family, cache_dir, hessians)
     names = list(weights)
     table = _load_table(path, names, len(options))
     if table is None:
-        table = error_table(weights, options, fisher, family)
+        table = error_table(weights, options, fisher, family, hessians)
         save_atomic({"names": names, "table": table}, path)
     return table

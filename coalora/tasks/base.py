@@ -28,7 +28,7 @@ from coalora.nn.model import CoALoRAModel
 from coalora.nn.weight_cache import CacheMode
 from coalora.pretrained import DEFAULT_MODEL
 from coalora.quant.allocate import check_budget
-from coalora.quant.error_table import cached_error_table
+from coalora.quant.error_weighting import ErrorWeighting
 from coalora.quant.lqlora import init_lqlora_adapters, lqlora_residuals
 from coalora.quant.qconfig import QConfig
 from coalora.quant.rounding import Rounding
@@ -42,6 +42,7 @@ from coalora.tasks.metrics import ConfigurationMetrics
 from coalora.tasks.optimizer import build_optimizer
 from coalora.tasks.seeding import BatchSeededDropout
 from coalora.tasks.validation import check_task_arguments
+from coalora.tasks.weighted_allocation import WeightedAllocation
 from coalora.utils import budget_label, model_inputs
 
 #: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
@@ -53,6 +54,7 @@ class CoALoRATask(
     PerConfigurationBackward,
     BatchSeededDropout,
     CalibratedRounding,
+    WeightedAllocation,
     CheckpointState,
     L.LightningModule,
     ABC,
@@ -105,6 +107,7 @@ class CoALoRATask(
         backward_per_config: bool = True,
         rounding: Rounding = "nearest",
         calibration_examples: int = 128,
+        error_weighting: ErrorWeighting = "none",
     ) -> None:
         """
         Args:
@@ -136,6 +139,8 @@ class CoALoRATask(
             rounding: how every configuration's codes are chosen, in training and in serving:
                 ``nearest`` or ``gptq`` (activation-aware, same grid and bytes; :mod:`.calibrated`).
             calibration_examples: training examples whose target inputs give GPTQ's statistics.
+            error_weighting: the error table the sets are allocated from: ``none`` (plain squared error),
+                ``fisher`` or ``activation`` (from training rows; :mod:`.weighted_allocation`).
         """
         super().__init__()
         self.method: MethodSpec = method_spec(method)
@@ -229,13 +234,6 @@ class CoALoRATask(
         """Every configuration a training step has drawn (saved in checkpoints): evaluation's "seen"."""
         return self.configs.trained_on
 
-    def error_table(self) -> torch.Tensor:
-        """The allocator's error table for this backbone (cached on disk, and here after the first use)."""
-        if self._error_table is None:
-            weights = target_weights(self.model.backbone, self.model.space.targets)
-            self._error_table = cached_error_table(weights, family=self.hparams.code_family)
-        return self._error_table
-
     def _allocate_fixed(self, weights: dict[str, torch.Tensor]) -> None:
         """fp, QLoRA and LQ-LoRA: the one configuration they train and evaluate at."""
         hp = self.hparams
@@ -307,8 +305,11 @@ class CoALoRATask(
         )
 
     def setup(self, stage: str) -> None:
-        """Training under ``rounding: gptq`` calibrates on the data module's training examples first."""
+        """Training under ``rounding: gptq`` calibrates on the data module's training examples first; a
+        weighted error table (allocated at fit start) reads them too."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and self.allocation_data is None:  # a weighted table's statistics
+            self.use_allocation_data(datamodule)
         if stage == "fit" and not self.model.rounder.ready and datamodule is not None:
             self.serve_with(self.hparams.rounding, datamodule)
 

@@ -68,7 +68,12 @@ class CalibratedRounding:
 
     def calibration_hessians(self, datamodule: Any, rounding: Rounding) -> dict:
         """H = E[x xᵀ] of every target's input over ``calibration_examples`` training examples (cached on
-        disk by :mod:`coalora.quant.calibration`)."""
+        disk by :mod:`coalora.quant.calibration`), of the model ``rounding`` rounds for."""
+        return self.input_statistics(datamodule, adapter=self.calibration_uses_adapter(rounding))
+
+    def input_statistics(self, datamodule: Any, adapter: bool) -> dict:
+        """H over the ``calibration_examples`` training examples, of the fine-tuned model (``adapter``) or
+        of the base model (every LoRA path scaled by 0: what activation-weighted allocation reads)."""
         from coalora.quant.calibration import calibration_batches
         from coalora.quant.calibration_cache import cached_input_hessians
 
@@ -77,7 +82,7 @@ class CalibratedRounding:
         was_training = self.model.training
         try:
             # the adapter's scaling is part of the disk cache's key: base and fine-tuned statistics differ
-            if self.calibration_uses_adapter(rounding):
+            if adapter:
                 return cached_input_hessians(self.model, batches, fingerprint=self.fingerprint)
             with adapter_off(self.model):
                 return cached_input_hessians(self.model, batches, fingerprint=self.fingerprint)

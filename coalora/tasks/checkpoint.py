@@ -6,6 +6,7 @@ file can be wrong into one line that says what to pass instead.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import warnings
@@ -154,7 +155,9 @@ def load_task(
 
     Like ``load_from_checkpoint``, but from a weights-only read and with one-line errors. The configuration
     sets come from the checkpoint, so coalora/shared tasks never run the allocator; qlora/lqlora still
-    allocate (from the disk cache) and decompose their one configuration while being constructed.
+    allocate (from the disk cache) and decompose their one configuration while being constructed. A
+    budget the checkpoint lacks is allocated from the run's ``error_weighting`` table, whose statistics
+    come from the same data arguments.
     """
     checkpoint = read_checkpoint(path)
     cls = task_class(checkpoint)
@@ -179,11 +182,14 @@ def load_task(
             f"checkpoint '{path}' does not fit its own hyperparameters ({first_line(err)})"
         ) from None
     task.eval()
+    saved = dict(checkpoint.get("datamodule_hyper_parameters", {}))
+    data_module = functools.partial(task.data_module, **{**saved, **(data_overrides or {})})
     rounding = rounding or task.hparams.get("rounding", "nearest")
     if rounding != task.model.rounder.method or not task.model.rounder.ready:
-        data = None
-        if rounding == "gptq":
-            saved = dict(checkpoint.get("datamodule_hyper_parameters", {}))
-            data = task.data_module(**{**saved, **(data_overrides or {})})
+        data = data_module() if rounding == "gptq" else None
         task.serve_with(rounding, data)
+        if data is not None:
+            task.use_allocation_data(data)
+    if task.allocation_data is None:  # built only if a new budget needs a weighted table
+        task.use_allocation_data(data_module)
     return task

@@ -16,6 +16,7 @@ from coalora.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Bound, check_values
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import budget_range, check_budget
 from coalora.quant.codebooks import CODE_FAMILIES
+from coalora.quant.error_weighting import check_error_weighting
 from coalora.quant.rounding import ROUNDINGS
 from coalora.tasks.methods import method_spec
 
@@ -60,6 +61,13 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
         raise CoaloraError(
             "model.rounding gptq does not apply to lqlora (its base is LQ-LoRA's own Q(W - L)); "
             "use rounding: nearest, or method qlora with rounding: gptq"
+        )
+    weighting = check_error_weighting(arguments.get("error_weighting", "none"), "model.error_weighting")
+    if weighting != "none" and method.name in ONE_CONFIGURATION:
+        raise CoaloraError(
+            f"model.error_weighting {weighting} cannot apply to method '{method.name}': its configuration is "
+            f"fixed while the task is built, before any data; drop it, or write a qconfig with `coalora "
+            f"allocate --error-weighting {weighting} --glue-task TASK --out FILE` and pass model.qconfig FILE"
         )
     for name in ("train_budgets", "eval_budgets"):
         for budget in arguments.get(name) or ():
