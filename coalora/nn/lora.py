@@ -76,7 +76,12 @@ class LoRALinear(nn.Module):
         return self.weight if self.active_weight is None else self.active_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.base_weight(), self.bias)
+        return self.forward_with(x, self.base_weight())
+
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's output with ``weight`` as the frozen path's weight: a backend that makes a transient
+        weight for one call (the packed one) passes it here rather than through :meth:`base_weight`."""
+        out = F.linear(x, weight, self.bias)
         hidden = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         if self.adjustment is not None:
             hidden = adjusted(hidden, self.adjustment)  # M·A·x per token

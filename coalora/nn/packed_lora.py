@@ -4,9 +4,12 @@ A dequantized fp32 target costs 32 bits per weight; its packed form costs ``opti
 and a little for a 3-bit configuration). :class:`PackedLoRALinear` keeps the :class:`PackedTensor`'s parts
 (bit-packed codes, bit-packed first-level scale codes, second-level scales, offset) as buffers and
 dequantizes them inside ``forward``, so a full-size weight exists only while one layer runs and the model
-at rest holds about what the artifact holds. The folded adapter (A, B·M) stays the separate low-rank path
-of :class:`LoRALinear`, so the computation is the dense deployment layer's, bit for bit: the transient
-weight is :meth:`PackedTensor.dequantize`'s, whatever speed-ups that gets.
+at rest holds about what the artifact holds. Without autograd on the CPU (``predict``, ``generate``) that
+weight is written into one buffer per thread that every layer reuses, the size of the largest target (up
+to :data:`WORKSPACE_MAX_BYTES`): a fresh weight per layer would leave glibc holding several freed ones.
+The folded adapter (A, B·M) stays the separate low-rank path of :class:`LoRALinear`, so the computation
+is the dense deployment layer's, bit for bit: the transient weight is :meth:`PackedTensor.dequantize`'s,
+whatever speed-ups that gets.
 
 Registered as the ``packed`` backend of :data:`~coalora.nn.lora.LAYER_BACKENDS`.
 """
@@ -14,6 +17,7 @@ Registered as the ``packed`` backend of :data:`~coalora.nn.lora.LAYER_BACKENDS`.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -23,6 +27,28 @@ from coalora.errors import CoaloraError
 from coalora.nn.lora import LAYER_BACKENDS, LoRALinear
 from coalora.quant.options import QuantOption
 from coalora.quant.quantizer import PackedTensor, quantize
+
+#: the largest transient weight (bytes) an inference forward dequantizes into the reused buffer of
+#: :func:`_workspace`; a larger one gets its own allocation, which glibc maps and unmaps anyway
+WORKSPACE_MAX_BYTES = 32 << 20
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(numel: int) -> torch.Tensor | None:
+    """This thread's float32 buffer for an inference forward's transient CPU weight (grown as needed).
+
+    A fresh weight per layer per call would make glibc keep several freed weights resident on its heap
+    (6-7 MB after one MiniLM forward); one buffer reused by every layer holds only the largest.
+    None where ``numel`` float32 values exceed :data:`WORKSPACE_MAX_BYTES`.
+    """
+    if numel * 4 > WORKSPACE_MAX_BYTES:
+        return None
+    buffer = getattr(_WORKSPACE, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACE.buffer = torch.empty(numel, dtype=torch.float32)
+    return buffer
+
 
 #: buffers whose dtype is part of the quantized format: a model-wide ``.to(dtype)``/``.half()`` must not
 #: cast them (bf16 second-level scales rounded to fp16 would change every dequantized weight)
@@ -139,6 +165,18 @@ class PackedLoRALinear(LoRALinear):
         if self.active_weight is not None:
             return self.active_weight
         return self.packed().dequantize().to(self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As :class:`LoRALinear`; without autograd on the CPU, the transient weight is dequantized into
+        a buffer reused by every layer (no fresh allocation; it never leaves this call), else it is a
+        fresh tensor, which autograd may keep for the backward pass."""
+        if self.active_weight is not None or torch.is_grad_enabled() or self.codes.device.type != "cpu":
+            return super().forward(x)
+        packed = self.packed()
+        buffer = _workspace(packed.padded_numel)
+        if buffer is None:
+            return super().forward(x)
+        return self.forward_with(x, packed.dequantize(buffer).to(self.weight_dtype))
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]

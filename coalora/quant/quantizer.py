@@ -261,6 +261,11 @@ class PackedTensor:
             t.numel() * t.element_size() for t in (self.codes, self.scale_codes, self.scale2, self.offset)
         )
 
+    @property
+    def padded_numel(self) -> int:
+        """Weights in whole blocks: the size of the buffer :meth:`dequantize` works in."""
+        return self.n_blocks * self.option.block
+
     def scales(self) -> torch.Tensor:
         """The (n_blocks,) float32 first-level scales, as the quantizer dequantized them."""
         option = self.option
@@ -269,12 +274,23 @@ class PackedTensor:
         step = (self.scale2.to(torch.float32) / (2**option.scale_bits - 1)).unsqueeze(1)
         return (codes.view(groups, -1) * step + self.offset).view(-1)[: self.n_blocks]
 
-    def dequantize(self) -> torch.Tensor:
-        """Float32 tensor equal, bit for bit, to ``fake_quantize`` of the original weight."""
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 tensor equal, bit for bit, to ``fake_quantize`` of the original weight.
+
+        ``out``: a contiguous float32 buffer on the codes' device with at least :attr:`padded_numel`
+        elements to write into (the result is then a view of it): serving reuses one buffer for every
+        layer instead of allocating a fresh weight per call, which the CPU allocator keeps resident.
+        """
         option, device = self.option, self.codes.device
         block, bits, n_blocks = option.block, option.bits, self.n_blocks
         levels = NearestLookup.build(bits, self.family, device).levels
-        out = torch.empty(n_blocks, block, dtype=torch.float32, device=device)
+        if out is None:
+            out = torch.empty(n_blocks, block, dtype=torch.float32, device=device)
+        else:
+            wrong = out.dtype != torch.float32 or out.device != device or not out.is_contiguous()
+            if wrong or out.numel() < self.padded_numel:
+                raise ValueError(f"dequantize needs float32 space for {self.padded_numel} values on {device}")
+            out = out.reshape(-1)[: self.padded_numel].view(n_blocks, block)
         scale = _Scaler(out, self.scales())
         packed = self.codes.numpy() if uses_numpy(device) else self.codes
         for start, stop, work in _chunks(n_blocks, block, device):
