@@ -51,3 +51,12 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_models")
     save_tiny_models(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """One empty COALORA_CACHE for a whole test module (use with ``pytest.mark.usefixtures``): its
+    allocations and error tables are its own, shared by its tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COALORA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield

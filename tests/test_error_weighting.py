@@ -94,7 +94,7 @@ def test_weighted_tables_refuse_mismatched_statistics():
     with pytest.raises(CoaloraError, match="no entry for matrix 'a'"):
         error_table(weights, OPTIONS, hessians={})
     wrong = {n: torch.eye(w.shape[0]) for n, w in weights.items()}
-    with pytest.raises(CoaloraError, match="input statistics of 'a' have shape"):
+    with pytest.raises(CoaloraError, match="input statistics of 'a': shape"):
         error_table(weights, OPTIONS, hessians=wrong)
     fisher = {n: torch.ones_like(w) for n, w in weights.items()}
     with pytest.raises(CoaloraError, match="not both"):

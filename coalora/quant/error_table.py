@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,31 +230,28 @@ def _quadratic_forms(rows: torch.Tensor, hessian: torch.Tensor, chunks: int = 4)
 
 
 def _check_fisher(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
-    for name, weight in weights.items():
-        f = fisher.get(name)
-        if f is None:
-            raise CoaloraError(
-                f"the Fisher has no entry for matrix '{name}'; compute it for the same backbone"
-            )
-        if tuple(f.shape) != tuple(weight.shape):
-            raise CoaloraError(
-                f"the Fisher of '{name}' has shape {tuple(f.shape)}, the weight {tuple(weight.shape)}; "
-                "compute it for the same backbone"
-            )
+    _check_statistics(weights, fisher, "the Fisher", lambda w: tuple(w.shape))
 
 
 def _check_hessians(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
+    _check_statistics(weights, hessians, "the input statistics", lambda w: (w.shape[-1], w.shape[-1]))
+
+
+def _check_statistics(
+    weights: dict[str, torch.Tensor],
+    statistics: dict[str, torch.Tensor],
+    what: str,
+    expected: Callable[[torch.Tensor], tuple[int, ...]],
+) -> None:
+    """Every matrix needs its entry of ``statistics``, of the shape ``expected`` gives for its weight."""
     for name, weight in weights.items():
-        h = hessians.get(name)
-        if h is None:
+        entry = statistics.get(name)
+        if entry is None:
+            raise CoaloraError(f"{what}: no entry for matrix '{name}'; compute it for the same backbone")
+        if weight.dim() != 2 or tuple(entry.shape) != expected(weight):
             raise CoaloraError(
-                f"the input statistics have no entry for matrix '{name}'; compute them for the same backbone"
-            )
-        if weight.dim() != 2 or tuple(h.shape) != (weight.shape[1], weight.shape[1]):
-            raise CoaloraError(
-                f"the input statistics of '{name}' have shape {tuple(h.shape)}, but its weight "
-                f"{tuple(weight.shape)} needs ({weight.shape[-1]}, {weight.shape[-1]}); compute them for "
-                "the same backbone"
+                f"{what} of '{name}': shape {tuple(entry.shape)}, but its weight {tuple(weight.shape)} "
+                f"needs {expected(weight)}; compute them for the same backbone"
             )
 
 
