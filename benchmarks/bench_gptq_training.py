@@ -13,12 +13,13 @@ The totals put a run of the low-bit regime's 100 steps (one-time costs + 100 x m
 rounding; the bar is gptq ≤ 1.2 x nearest. Search rounds and evaluation are left out (they quantize the
 same cached entries); the fp32 runs of ``rounding_regime.py`` record whole-run wall times beside this.
 
-    python benchmarks/bench_gptq_training.py [--steps 6] [--threads 1]
+    python benchmarks/bench_gptq_training.py [--steps 6] [--threads 1] [--only qlora@2.5]   # --only keeps the other rows
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -122,13 +123,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     batch = sst2_batch(load_tokenizer(DEFAULT_MODEL), 32, 64)
     data = datamodule()
-    result = {
-        "command": "python benchmarks/bench_gptq_training.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_avg": os.getloadavg()},
-        "precision": "fp32",
-        "methods": {m: measure(m, batch, data, args.steps) for m in args.only},
-    }
-    write_result("gptq_training", result)
+    command = "python benchmarks/bench_gptq_training.py " + " ".join(argv or sys.argv[1:])
+    methods = {}
+    for method in args.only:
+        methods[method] = measure(method, batch, data, args.steps)
+        machine = {"cpus": os.cpu_count(), "threads": args.threads, "load_avg": os.getloadavg()}
+        methods[method].update(command=command, machine=machine)
+    out = REPO / "docs" / "bench" / "gptq_training.json"
+    earlier = json.loads(out.read_text())["methods"] if out.is_file() else {}  # --only keeps the others
+    write_result("gptq_training", {"precision": "fp32", "methods": {**earlier, **methods}})
 
 
 if __name__ == "__main__":
