@@ -17,9 +17,12 @@ given non-trivial random weights, since latency does not depend on training) thi
   needed: latency and memory do not depend on training), side by side with ``load(dequantize=True)`` and
   ``from_pretrained`` of the fp32 model: bytes held by the model's tensors, process RSS growth of one load
   in a fresh subprocess each (VmRSS before/after, and the peak), and predict latency at batch 32 x 64
-  tokens on 2 threads (medians of interleaved rounds), each against its bar.
+  tokens on 2 threads (medians of interleaved rounds), each against its bar;
+- issue #25 part 2 (benchmarks/cold_switch.py): the cold switch and the quantizer against an int4 round
+  trip. ``--cold-only`` measures just these and the first item, keeping adapt.json's other sections.
 
     python benchmarks/bench_adapt.py [--reps 5] [--steps 4] [--serving-rounds 9] [--rss-reps 2]
+        [--cold-rounds 7] [--cold-only]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from cold_switch import issue_25
 from common import sst2_batch, write_result
 
 from coalora.deploy.adaptive import AdaptiveModel
@@ -371,6 +375,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=32.0)
     parser.add_argument("--serving-rounds", type=int, default=9)
     parser.add_argument("--rss-reps", type=int, default=2)
+    parser.add_argument("--cold-rounds", type=int, default=7)
+    parser.add_argument("--cold-only", action="store_true")
     parser.add_argument("--probe", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -394,6 +400,11 @@ def main() -> None:
     )
 
     latency = adapt_latency(module, args.reps)
+    cold = issue_25(module, args.cold_rounds)
+    if args.cold_only:  # the other sections stay as their last full run wrote them
+        previous = json.loads((REPO / "docs" / "bench" / "adapt.json").read_text())
+        write_result("adapt", {**previous, "adapt": latency, "issue_25_cold": cold})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "3.0.json"
         module.model.space.save(module.eval_configs["3.0"], config_path)
@@ -410,6 +421,7 @@ def main() -> None:
         "target_weights": module.model.space.total_numel,
         "module_build_s": round(build_s, 2),
         "adapt": latency,
+        "issue_25_cold": cold,
         "qlora_one_config": qlora,
         "qlora_epoch_over_cold_adapt": round(qlora["epoch_s"] / cold_s),
         "fp32_model_bytes": fp32_bytes,

@@ -13,7 +13,7 @@ The totals put a run of the low-bit regime's 100 steps (one-time costs + 100 x m
 rounding; the bar is gptq ≤ 1.2 x nearest. Search rounds and evaluation are left out (they quantize the
 same cached entries); the fp32 runs of ``rounding_regime.py`` record whole-run wall times beside this.
 
-    python benchmarks/bench_gptq_training.py [--steps 6] [--threads 1] [--only qlora@2.5]   # --only keeps the other rows
+    python benchmarks/bench_gptq_training.py [--steps 6] [--threads 1] [--only qlora@2.5]  # keeps other rows
 """
 
 from __future__ import annotations

@@ -35,8 +35,13 @@ class AdaptiveModel:
     """A checkpoint served at any configuration its method supports; see :meth:`adapt`."""
 
     def __init__(self, module: CoALoRATask, tokenizer: Any = None, threads: int | None = 1) -> None:
-        """``threads``: torch CPU threads while switching (see :func:`intra_op_threads`; None: torch's)."""
+        """``threads``: CPU threads while switching (None: torch's): the matrices of a switch are quantized
+        on that many threads side by side, where the compiled quantizer runs, and torch's own ops (mapper,
+        fold) on one, as they are too short to gain from more (each parallel region waits for a core).
+        Dense cache entries keep their codes, so :meth:`export` of a configuration adapted to before
+        packs nothing again."""
         self.module = module.eval()
+        module.model.cache.keep_codes = True
         self.tokenizer = tokenizer
         self.threads = threads
         self.config: QConfig | None = None
@@ -104,7 +109,8 @@ class AdaptiveModel:
         config = self.resolve(target).config
         timings = {"resolve": time.perf_counter() - start}
         model = self.module.model
-        with intra_op_threads(self.threads):
+        model.cache.threads = torch.get_num_threads() if self.threads is None else self.threads
+        with intra_op_threads(None if self.threads is None else 1):
             start = time.perf_counter()
             self.module.activate(config)  # quantized weights, or LQ-LoRA's pinned Q(W − L)
             timings["quantize"] = time.perf_counter() - start

@@ -26,6 +26,7 @@ from coalora.utils import intra_op_threads
 EMBEDDING_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 if TYPE_CHECKING:
+    from coalora.quant.qconfig import QConfig
     from coalora.tasks.base import CoALoRATask
 
 
@@ -66,12 +67,7 @@ def build_artifact(module: CoALoRATask, resolution: Resolution, embedding_dtype:
     weights = None if config is None else module.weights_to_quantize(config)
     with intra_op_threads(1):
         if config is not None and weights is not None:
-            # the rounding the run serves with (nearest, or gptq with its statistics), all matrices at once
-            names = model.space.names
-            rounded = model.rounder.packed_many(
-                names, [weights[n] for n in names], [config.matrices[n] for n in names]
-            )
-            packed = {n: _cpu(p) for n, p in zip(names, rounded, strict=True)}
+            packed = {n: _cpu(p) for n, p in _packed_targets(module, weights, config).items()}
         stages.lap("quantize")
         adjustments = model.adjustments(config) if (model.mapper is not None and config is not None) else None
         stages.lap("mapper")
@@ -87,6 +83,28 @@ def build_artifact(module: CoALoRATask, resolution: Resolution, embedding_dtype:
     # the tables stored narrower than the model computes in: loading keeps them so and widens looked-up rows
     artifact.metadata["narrowed_embeddings"] = narrowed
     return artifact
+
+
+def _packed_targets(
+    module: CoALoRATask, weights: dict[str, torch.Tensor], config: QConfig
+) -> dict[str, PackedTensor]:
+    """Every target's packed form, quantized with the rounding the run serves with (nearest, or gptq with
+    its statistics): the weight cache's where it holds them for these very weights (a configuration
+    switched to before, its codes kept), the rest all at once (GPTQ rounds them together)."""
+    model = module.model
+    names, found = model.space.names, {}
+    for name, layer in zip(names, model.layers, strict=True):
+        if weights[name].data_ptr() == layer.weight.data_ptr():  # not LQ-LoRA's residual W − L
+            held = model.cache.packed_form(name, config.matrices[name])
+            if held is not None:
+                found[name] = held
+    missing = [n for n in names if n not in found]
+    if missing:
+        rounded = model.rounder.packed_many(
+            missing, [weights[n] for n in missing], [config.matrices[n] for n in missing]
+        )
+        found.update(zip(missing, rounded, strict=True))
+    return {n: found[n] for n in names}
 
 
 def _label_names(module: CoALoRATask) -> list[str]:

@@ -128,18 +128,20 @@ class CoALoRAModel(nn.Module):
     def set_cache_mode(self, mode: CacheMode) -> None:
         """Hold the quantized weights of later switches ``dense``, ``packed`` or ``auto``
         (:mod:`coalora.nn.weight_cache`); the cache starts empty, its bound unchanged."""
-        self.cache = QuantCache(self.cache.max_bytes, self.cache.family, mode, self.rounder)
+        self.cache = self.cache.renewed(mode=mode)
         self.set_config(None)
 
     def set_rounding(self, rounding: Rounding, hessians: dict[str, torch.Tensor] | None = None) -> None:
         """Quantize later switches with ``rounding`` (``gptq``: with these targets' input statistics);
         every cached weight is dropped, since it was rounded the old way."""
         self.rounder = Rounder(rounding, self.cache.family, hessians)
-        self.set_cache_mode(self.cache.mode)
+        self.cache = self.cache.renewed(rounder=self.rounder)
+        self.set_config(None)
 
     def _apply(self, fn, recurse: bool = True):
-        """Moving devices or dtypes invalidates every cached dequantized weight."""
+        """Moving devices or dtypes invalidates every cached dequantized weight (and block absmax)."""
         self.cache.clear()
+        self.cache.absmax.clear()
         for layer in self.layers:
             layer.active_weight = None
         self._active = [None] * len(self.layers)
@@ -154,7 +156,9 @@ class CoALoRAModel(nn.Module):
             [None] * len(self.layers) if config is None else [config.matrices[n] for n in self.space.names]
         )
         pinned, self._pinned = self._pinned, False
-        if self.rounder.method != "nearest":  # GPTQ rounds a configuration's missing matrices together
+        # GPTQ rounds a configuration's missing matrices together; round-to-nearest spreads them over
+        # threads where the compiled pass runs (on one thread, get() takes them one by one)
+        if self.rounder.method != "nearest" or self.cache.threads > 1:
             self.cache.prefetch(
                 [
                     (self.space.names[i], option, layer.weight)

@@ -18,48 +18,137 @@ What an entry holds (``mode``):
 
 Entries are quantized by the cache's :class:`~coalora.quant.rounding.Rounder` (round-to-nearest, or GPTQ
 rounding with the model's calibration statistics): a (matrix, option) is rounded once, whichever way.
+The form an entry is held in is chosen before it is quantized (``auto`` goes packed as soon as the
+entries to add would overflow the bound), so none is quantized twice. ``keep_codes`` makes dense entries
+carry their packed form too (counted in the bound): an export of a configuration switched to before
+reuses them (:meth:`QuantCache.packed_form`). Each matrix's block absmax, the same for every option of one
+block size, is kept per (matrix, block size) in :class:`AbsmaxStore` and survives :meth:`QuantCache.clear`.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.options import QuantOption
-from coalora.quant.quantizer import PackedTensor
+from coalora.quant.quantizer import PackedTensor, block_absmax
 from coalora.quant.rounding import Rounder
 
 CacheMode = Literal["auto", "dense", "packed"]
 CACHE_MODES: tuple[str, ...] = ("auto", "dense", "packed")
 
 
-def _nbytes(entry: torch.Tensor | PackedTensor) -> int:
+@dataclass
+class CodedDense:
+    """A dense entry with the packed form it was dequantized from (``keep_codes``)."""
+
+    dense: torch.Tensor
+    packed: PackedTensor
+
+
+Entry = torch.Tensor | PackedTensor | CodedDense
+
+
+def _nbytes(entry: Entry) -> int:
+    if isinstance(entry, CodedDense):
+        return _nbytes(entry.dense) + entry.packed.nbytes
     if isinstance(entry, PackedTensor):
         return entry.nbytes
     return entry.numel() * entry.element_size()
+
+
+class AbsmaxStore:
+    """Block absmax per (matrix, block size), bounded in bytes (least recently used go first).
+
+    An entry holds the weight tensor it was computed from and that tensor's version counter, and serves
+    a later weight only if it is the same memory, shape, strides, dtype and device at the same version
+    (an in-place change bumps it); holding the tensor keeps its memory from going to another tensor.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, int], tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, name: str, weight: torch.Tensor, block: int) -> torch.Tensor:
+        key, version = (name, block), _version(weight)
+        held = self._entries.get(key)
+        if held is not None and held[1] == version and _same_memory(held[0], weight):
+            self._entries.move_to_end(key)
+            return held[2]
+        if held is not None:
+            del self._entries[key]
+            self._bytes -= held[2].numel() * 4
+        absmax = block_absmax(weight, block)
+        while self._entries and self._bytes + absmax.numel() * 4 > self.max_bytes:
+            self._bytes -= self._entries.popitem(last=False)[1][2].numel() * 4
+        if version is not None and absmax.numel() * 4 <= self.max_bytes:
+            self._entries[key] = (weight.detach(), version, absmax)
+            self._bytes += absmax.numel() * 4
+        return absmax
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    """The tensor's version counter (in-place changes bump it); None for tensors without one."""
+    try:
+        return getattr(weight, "_version", None)
+    except RuntimeError:  # an inference-mode tensor keeps no version: never reuse its absmax
+        return None
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    same = a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.device == b.device
+    return same and a.shape == b.shape and a.stride() == b.stride()
 
 
 class QuantCache:
     """LRU cache of quantized weights keyed by (matrix, option), bounded in bytes; see the module doc."""
 
     def __init__(
-        self, max_bytes: int, family: str = "nf", mode: CacheMode = "auto", rounder: Rounder | None = None
+        self,
+        max_bytes: int,
+        family: str = "nf",
+        mode: CacheMode = "auto",
+        rounder: Rounder | None = None,
+        keep_codes: bool = False,
+        absmax: AbsmaxStore | None = None,
     ) -> None:
-        """``rounder`` (default: round-to-nearest in ``family``) chooses every entry's codes."""
+        """``rounder`` (default: round-to-nearest in ``family``) chooses every entry's codes; ``absmax``: a
+        store to share (default: a new one bounded to an eighth of ``max_bytes``)."""
         if mode not in CACHE_MODES:
             raise CoaloraError(f"quant cache mode must be one of {', '.join(CACHE_MODES)}, got '{mode}'")
         self.max_bytes = max_bytes
         self.rounder = Rounder("nearest", family) if rounder is None else rounder
         self.family = self.rounder.family
         self.mode = mode
+        self.keep_codes = keep_codes
+        #: threads that quantize a configuration's missing matrices side by side where the compiled pass
+        #: runs (:class:`~coalora.deploy.adaptive.AdaptiveModel` sets its own; training keeps one)
+        self.threads = 1
+        self.absmax = AbsmaxStore(max_bytes // 8) if absmax is None else absmax
         #: whether entries are held packed now (``auto`` turns this on at its first overflow)
         self.packed = mode == "packed"
-        self._entries: OrderedDict[tuple[str, QuantOption], torch.Tensor | PackedTensor] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, QuantOption], Entry] = OrderedDict()
         self._bytes = 0
         self.hits = self.misses = 0
+        self._prefetched: set[tuple[str, QuantOption]] = set()  # filled by prefetch, not yet got
+
+    def renewed(self, mode: CacheMode | None = None, rounder: Rounder | None = None) -> QuantCache:
+        """An empty cache with this one's bound, code keeping, threads and absmax store, in ``mode`` and
+        with ``rounder`` (default: this one's)."""
+        mode, rounder = self.mode if mode is None else mode, self.rounder if rounder is None else rounder
+        cache = QuantCache(self.max_bytes, self.family, mode, rounder, self.keep_codes, self.absmax)
+        cache.threads = self.threads
+        return cache
 
     def get(self, name: str, option: QuantOption, weight: torch.Tensor) -> torch.Tensor:
         """The quantized-then-dequantized ``weight`` of matrix ``name`` at ``option``, in its dtype."""
@@ -67,37 +156,65 @@ class QuantCache:
         cached = self._entries.get(key)
         if cached is not None:
             self._entries.move_to_end(key)
-            self.hits += 1
+            if key in self._prefetched:  # counted as a miss when prefetched
+                self._prefetched.discard(key)
+            else:
+                self.hits += 1
             return self._dense(cached, weight.dtype)
-        self.misses += 1
-        entry = self._store(key, self._quantized(name, weight, option), weight)
-        return self._dense(entry, weight.dtype)
+        return self._dense(self._fill([(name, option, weight)])[0], weight.dtype)
+
+    def packed_form(self, name: str, option: QuantOption) -> PackedTensor | None:
+        """The packed form held for (``name``, ``option``), if any: a packed entry, or a dense one's codes."""
+        entry = self._entries.get((name, option))
+        if isinstance(entry, CodedDense):
+            return entry.packed
+        return entry if isinstance(entry, PackedTensor) else None
 
     def prefetch(self, items: list[tuple[str, QuantOption, torch.Tensor]]) -> None:
         """Quantize the missing ``(name, option, weight)`` entries together: GPTQ rounds the matrices of
         one input width in one pass of column steps, so a configuration costs about what one matrix
-        does. Round-to-nearest gains nothing from it and goes entry by entry through :meth:`get`."""
+        does; round-to-nearest spreads them over :attr:`threads` threads where the compiled pass
+        runs (it lets go of the GIL). Otherwise :meth:`get` quantizes them one by one."""
         missing = list({(n, o): (n, o, w) for n, o, w in items if (n, o) not in self._entries}.values())
-        if self.rounder.method == "nearest" or len(missing) < 2:
-            return
-        names, options, weights = (list(column) for column in zip(*missing, strict=True))
-        if self.packed:
-            entries: list = self.rounder.packed_many(names, weights, options)
-        else:
-            dense = self.rounder.dense_many(names, weights, options)
-            entries = [d.to(w.dtype) for d, w in zip(dense, weights, strict=True)]
-        for name, option, weight, entry in zip(names, options, weights, entries, strict=True):
-            self.misses += 1
-            self._store((name, option), entry, weight)
+        spread = self.threads > 1 and self.rounder.parallel(missing[0][2]) if missing else False
+        if len(missing) >= 2 and (self.rounder.method != "nearest" or spread):
+            self._fill(missing)
+            self._prefetched = {(n, o) for n, o, _ in missing}
 
-    def _store(
-        self, key: tuple[str, QuantOption], entry: torch.Tensor | PackedTensor, weight: torch.Tensor
-    ) -> torch.Tensor | PackedTensor:
-        """Hold a fresh entry within the bound (``auto`` turns packed at its first overflow); returns it."""
-        if not self.packed and self.mode == "auto" and self._bytes + _nbytes(entry) > self.max_bytes:
-            self.clear()  # the dense entries do not fit: hold every entry packed from now on
-            self.packed = True
-            entry = self._quantized(key[0], weight, key[1])
+    def _fill(self, items: list[tuple[str, QuantOption, torch.Tensor]]) -> list[Entry]:
+        """Quantize ``items`` once each, in the form the cache holds them, store them; returns them."""
+        if not self.packed and self.mode == "auto":
+            adding = sum(w.numel() * w.element_size() for _, _, w in items)
+            if self.keep_codes:
+                adding += sum(math.ceil(o.storage_bits * w.numel() / 8) for _, o, w in items)
+            if self._bytes + adding > self.max_bytes:
+                self.clear()  # the dense entries do not fit: hold every entry packed from now on
+                self.packed = True
+        names = [name for name, _, _ in items]
+        options = [option for _, option, _ in items]
+        weights = [weight for _, _, weight in items]
+        absmax = None
+        if self.rounder.method == "nearest":
+            absmax = [self.absmax.get(n, w, o.block) for n, o, w in items]
+        keep = self.packed or self.keep_codes
+        forms = self.rounder.forms_many(names, weights, options, keep, not self.packed, absmax, self.threads)
+        entries: list[Entry] = []
+        for (name, option, weight), (packed, dense) in zip(items, forms, strict=True):
+            self.misses += 1
+            entry: Entry
+            if self.packed:
+                assert packed is not None
+                entry = packed
+            else:
+                assert dense is not None
+                dense = dense.to(weight.dtype)
+                entry = dense if packed is None else CodedDense(dense, packed)
+            entries.append(entry)
+            self._store((name, option), entry)
+        return entries
+
+    def _store(self, key: tuple[str, QuantOption], entry: Entry) -> None:
+        """Hold a fresh entry within the bound, evicting the least recently used ones for it."""
         size = _nbytes(entry)
         while self._entries and self._bytes + size > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
@@ -105,19 +222,17 @@ class QuantCache:
         if size <= self.max_bytes:
             self._entries[key] = entry
             self._bytes += size
-        return entry
-
-    def _quantized(self, name: str, weight: torch.Tensor, option: QuantOption) -> torch.Tensor | PackedTensor:
-        if self.packed:
-            return self.rounder.packed(name, weight, option)
-        return self.rounder.dense(name, weight, option).to(weight.dtype)
 
     @staticmethod
-    def _dense(entry: torch.Tensor | PackedTensor, dtype: torch.dtype) -> torch.Tensor:
+    def _dense(entry: Entry, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(entry, CodedDense):
+            return entry.dense
         return entry.dequantize().to(dtype) if isinstance(entry, PackedTensor) else entry
 
     def clear(self) -> None:
+        """Drop every quantized entry (the absmax store stays: it checks its weights itself)."""
         self._entries.clear()
+        self._prefetched.clear()
         self._bytes = 0
 
     def __len__(self) -> int:

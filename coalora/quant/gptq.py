@@ -39,7 +39,8 @@ from coalora.errors import CoaloraError
 from coalora.quant.codebooks import Array, NearestLookup, SearchScratch, uses_numpy
 from coalora.quant.gptq_factor import PARALLEL_MIN_MACS, feedback_factor
 from coalora.quant.options import QuantOption
-from coalora.quant.quantizer import BlockedWeight, PackedTensor, packed_with_codes
+from coalora.quant.packing import packed_with_codes
+from coalora.quant.quantizer import BlockedWeight, PackedTensor
 from coalora.utils import intra_op_threads
 
 #: Columns per lazy batch (GPTQ's default; 16 to 128 cost the same on MiniLM within the machine's noise,

@@ -17,10 +17,16 @@ elementwise steps run in numpy on views of the same buffers (``codebooks.NUMPY_O
 OpenMP region to wait in) and torch's reductions run in slices too small to open one. Codes, scale codes,
 second-level scales, bytes and dequantized values are bit for bit those of the earlier exact search, which
 tests/test_quantizer.py keeps as its oracle (benchmarks/bench_quantizer.py times both).
+
+Fused (issue #25): on CPU the per-weight pass runs as one compiled loop where the machine can build it
+(:mod:`coalora.quant.fused`: the weights are read once, codes and dequantized values come out together);
+the numpy path above is its fallback and gives the same bits. :func:`block_absmax` is what every option of
+one block size starts from, so callers quantizing a matrix at many options compute it once.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Iterator
@@ -30,28 +36,24 @@ from typing import Any
 import numpy
 import torch
 
+from coalora.quant import fused
 from coalora.quant.codebooks import (
+    CODE_FAMILIES,
     Array,
     NearestLookup,
     SearchScratch,
-    codebook,
     pack_bits,
     pack_codes,
     unpack_bits,
     unpack_codes,
     uses_numpy,
 )
-from coalora.quant.options import TORCH_DTYPES, QuantOption
+from coalora.quant.options import QuantOption
+from coalora.quant.scales import double_quantize_scales, pad_to, row_max
 
 #: Weights per chunk on CPU: a chunk's scratch buffers (~16 bytes a weight) stay in cache, and per-op
 #: dispatch (a few microseconds) stays a small share. Other devices take a whole matrix at once.
 CPU_CHUNK = 1 << 18
-_SERIAL = 32768  # torch runs a CPU op over at least this many elements in an OpenMP region
-
-
-def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = (-x.numel()) % multiple
-    return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
 
 @dataclass
@@ -99,53 +101,6 @@ def _chunks(n_blocks: int, block: int, device: torch.device) -> Iterator[tuple[i
         yield start, min(start + rows, n_blocks), work
 
 
-def double_quantize_scales(absmax: torch.Tensor, option: QuantOption) -> tuple[torch.Tensor, ...]:
-    """Second-level quantization of the per-block absmax scales (SPEC §2.3 step 3).
-
-    Returns the scale codes (int32), the second-level scales (in the option's dtype), the offset and the
-    dequantized scales (float32). Each block's arithmetic is its group's, broadcast over a (groups, block2)
-    view: the values of a per-block ``repeat_interleave`` of the group step, without building it. On CPU
-    it runs in numpy: the same float32 operations, rounded alike, on one thread.
-    """
-    levels, block2, n_blocks = 2**option.scale_bits - 1, option.block2, absmax.numel()
-    dtype = TORCH_DTYPES[option.scale2_dtype]
-    if not uses_numpy(absmax.device):
-        offset = absmax.min()
-        shifted = _pad_to(absmax - offset, block2).view(-1, block2)  # zero padding: see the module doc
-        scale2 = _row_max(shifted, torch.empty_like(shifted[:, 0])).to(dtype)  # stored in it: round-trip
-        step = (scale2.to(torch.float32) / levels).unsqueeze(1)  # zero where a group's range is zero
-        codes = torch.round(shifted / step.clamp_min(1e-30)).clamp_(0, levels).mul_(step > 0)  # finite
-        scales = (codes * step + offset).view(-1)[:n_blocks]
-        return codes.view(-1)[:n_blocks].to(torch.int32), scale2, offset, scales
-    values = absmax.detach().numpy()
-    low = values.min()
-    rows = numpy.zeros((-(-n_blocks // block2), block2), dtype=numpy.float32)
-    numpy.subtract(values, low, out=rows.reshape(-1)[:n_blocks])
-    scale2 = torch.from_numpy(rows.max(axis=1)).to(dtype)
-    step = (scale2.to(torch.float32).numpy() / numpy.float32(levels))[:, None]
-    codes_f = numpy.rint(rows / numpy.maximum(step, numpy.float32(1e-30)))
-    codes_f = numpy.clip(codes_f, 0, levels, out=codes_f) * (step > 0)
-    scales = codes_f * step + low
-    codes_i, low_0d = codes_f.reshape(-1)[:n_blocks].astype(numpy.int32), numpy.asarray(low)
-    return (
-        torch.from_numpy(codes_i),
-        scale2,
-        torch.from_numpy(low_0d),
-        torch.from_numpy(scales.reshape(-1)[:n_blocks]),
-    )
-
-
-def _row_max(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Max of each row, into ``out``. Rows of 16 go through max_pool1d (torch's 16-wide reductions are ~2x
-    slower); on CPU, longer rows in slices under :data:`_SERIAL` weights."""
-    if rows.shape[1] == 16:
-        return out.copy_(torch.nn.functional.max_pool1d(rows.reshape(1, 1, -1), 16).view(-1))
-    step = max(1, (_SERIAL - 1) // rows.shape[1]) if rows.device.type == "cpu" else len(rows)
-    for start in range(0, len(rows), step):
-        torch.amax(rows[start : start + step], dim=1, out=out[start : start + step])
-    return out
-
-
 def _absmax(blocks: torch.Tensor) -> torch.Tensor:
     """Max |w| of each block (float32), a chunk at a time: |w| goes through a cached buffer, so the
     weights are read from memory once and no full-size |w| is allocated."""
@@ -160,7 +115,7 @@ def _absmax(blocks: torch.Tensor) -> torch.Tensor:
             torch.abs(blocks[start:stop], out=magnitudes)
         else:  # as the search always took |w| of fp32 weights (exact for bf16/fp16 weights)
             magnitudes.copy_(blocks[start:stop]).abs_()
-        _row_max(magnitudes, absmax[start:stop])
+        row_max(magnitudes, absmax[start:stop])
     return absmax
 
 
@@ -175,9 +130,11 @@ class BlockedWeight:
     scales: torch.Tensor  # (n_blocks,) float32 dequantized first-level scales
 
     @staticmethod
-    def of(weight: torch.Tensor, option: QuantOption) -> BlockedWeight:
-        blocks = _pad_to(weight.detach().reshape(-1), option.block).view(-1, option.block)
-        return BlockedWeight(blocks, *double_quantize_scales(_absmax(blocks), option))
+    def of(weight: torch.Tensor, option: QuantOption, absmax: torch.Tensor | None = None) -> BlockedWeight:
+        """``absmax``: :func:`block_absmax` of the weight at ``option.block``, if the caller has it."""
+        blocks = pad_to(weight.detach().reshape(-1), option.block).view(-1, option.block)
+        found = _absmax(blocks) if absmax is None else absmax
+        return BlockedWeight(blocks, *double_quantize_scales(found, option))
 
     def normalised(self) -> Iterator[tuple[int, int, _Work]]:
         """(first block, end block, scratch) chunk by chunk, with the chunk's weights over their scales
@@ -202,12 +159,64 @@ class BlockedWeight:
             yield start, stop, work
 
 
-def fake_quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf") -> torch.Tensor:
+def block_absmax(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """Max |w| of each block of ``block`` weights (float32, the last block zero-padded): the same for every
+    option of that block size, so a caller quantizing one matrix at several options computes it once and
+    passes it as ``absmax`` to :func:`quantize`, :func:`fake_quantize` or :func:`quantize_both`."""
+    kernel = _kernel(weight)
+    if kernel is not None:
+        found = kernel.absmax(_flat32(weight), block)
+        if bool(torch.isfinite(found).all()):  # else the numpy path, which handles what is not finite its way
+            return found
+    return _absmax(pad_to(weight.detach().reshape(-1), block).view(-1, block))
+
+
+def _kernel(weight: torch.Tensor) -> fused.Kernel | None:
+    """The compiled pass, where it runs: on CPU, with the numpy path on, once built."""
+    return fused.kernel(_agrees) if fused.ENABLED and uses_numpy(weight.device) else None
+
+
+def compiled(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is quantized by the compiled pass (:mod:`coalora.quant.fused`)."""
+    return _kernel(weight) is not None
+
+
+def _flat32(weight: torch.Tensor) -> torch.Tensor:
+    """The weights as the numpy path reads them: flat and float32 (other dtypes convert exactly first)."""
+    return weight.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def _fused(
+    weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None, dense: bool
+) -> tuple[PackedTensor, torch.Tensor | None] | None:
+    """The packed form (and the dequantized weight if ``dense``) from the compiled pass; None where it
+    does not run (then the numpy path does)."""
+    kernel = _kernel(weight)
+    parts = None if kernel is None else kernel.quantize(_flat32(weight), absmax, option, family, dense)
+    if parts is None:
+        return None
+    codes, scale_codes, scale2, offset, values = parts
+    packed = PackedTensor(tuple(weight.shape), option, family, codes, scale_codes, scale2, offset)
+    return packed, None if values is None else values.view(weight.shape)
+
+
+def fake_quantize(
+    weight: torch.Tensor, option: QuantOption, family: str = "nf", absmax: torch.Tensor | None = None
+) -> torch.Tensor:
     """The dequantized weight under ``option``: what a deployed model computes with.
 
-    Returns a float32 tensor of ``weight``'s shape on its device.
+    Returns a float32 tensor of ``weight``'s shape on its device. ``absmax``: :func:`block_absmax`.
     """
-    blocked = BlockedWeight.of(weight, option)
+    fast = _fused(weight, option, family, absmax, dense=True)
+    if fast is None or fast[1] is None:
+        return _numpy_fake_quantize(weight, option, family, absmax)
+    return fast[1]
+
+
+def _numpy_fake_quantize(
+    weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None
+) -> torch.Tensor:
+    blocked = BlockedWeight.of(weight, option, absmax)
     lookup = NearestLookup.build(option.bits, family, weight.device)
     out = torch.empty(blocked.blocks.shape, dtype=torch.float32, device=weight.device)
     scale = _Scaler(out, blocked.scales)
@@ -303,9 +312,30 @@ class PackedTensor:
         return out.view(-1)[: self.numel].view(self.shape)
 
 
-def quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf") -> PackedTensor:
-    """Quantize ``weight`` into its packed, deployable form."""
-    blocked = BlockedWeight.of(weight, option)
+def quantize(
+    weight: torch.Tensor, option: QuantOption, family: str = "nf", absmax: torch.Tensor | None = None
+) -> PackedTensor:
+    """Quantize ``weight`` into its packed, deployable form (``absmax``: :func:`block_absmax`)."""
+    fast = _fused(weight, option, family, absmax, dense=False)
+    return _numpy_quantize(weight, option, family, absmax) if fast is None else fast[0]
+
+
+def quantize_both(
+    weight: torch.Tensor, option: QuantOption, family: str = "nf", absmax: torch.Tensor | None = None
+) -> tuple[PackedTensor, torch.Tensor]:
+    """:func:`quantize` and :func:`fake_quantize` of ``weight`` from one pass: the compiled one writes
+    codes and values together; elsewhere the packed form is dequantized (bit for bit the same)."""
+    fast = _fused(weight, option, family, absmax, dense=True)
+    if fast is not None and fast[1] is not None:
+        return fast[0], fast[1]
+    packed = _numpy_quantize(weight, option, family, absmax)
+    return packed, packed.dequantize()
+
+
+def _numpy_quantize(
+    weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None
+) -> PackedTensor:
+    blocked = BlockedWeight.of(weight, option, absmax)
     lookup = NearestLookup.build(option.bits, family, weight.device)
     bits, block = option.bits, option.block
     codes = torch.empty(blocked.blocks.numel() * bits // 8, dtype=torch.uint8, device=weight.device)
@@ -326,30 +356,27 @@ def quantize(weight: torch.Tensor, option: QuantOption, family: str = "nf") -> P
     )
 
 
-# ---- Codes chosen by another rounding (coalora/quant/gptq.py), packed as quantize packs its own ----
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so -0.0 differs from 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def packed_with_codes(
-    codes: torch.Tensor, shape: tuple[int, ...], option: QuantOption, family: str, blocked: BlockedWeight
-) -> PackedTensor:
-    """The packed form of ``codes`` (uint8, one per weight, any layout of the weight's shape) with the
-    scales of ``blocked`` (``BlockedWeight.of`` the weight): ``quantize``'s bytes and format, other codes.
-    The zero padding of the last block gets the code of 0, as in ``quantize``."""
-    n, device = blocked.blocks.numel(), codes.device
-    flat = torch.empty(n, dtype=torch.uint8, device=device)
-    flat[: codes.numel()].view(codes.shape).copy_(codes)
-    if codes.numel() < n:
-        levels = codebook(option.bits, family).double()
-        flat[codes.numel() :] = int(
-            torch.bucketize(torch.zeros(()), ((levels[1:] + levels[:-1]) / 2).float())
+def _agrees(kernel: fused.Kernel) -> bool:
+    """Whether a freshly built kernel gives the numpy path's bits for every pass it has (each bit width,
+    block size and family, with a partial last block): checked once per build, before it is kept."""
+    weight = torch.randn(37, 61, generator=torch.Generator().manual_seed(0)) * 0.05
+    for k, (bits, block, family) in enumerate(itertools.product((2, 3, 4, 8), (16, 32, 64), CODE_FAMILIES)):
+        option = QuantOption(
+            bits, (2, 3, 4, 8)[k % 4], ("bf16", "fp16", "fp32")[k % 3], block, (16, 64, 256)[k % 3]
         )
-    packed = torch.empty(n * option.bits // 8, dtype=torch.uint8, device=device)  # n: whole blocks of 16+
-    scratch = torch.empty(n // 8, dtype=torch.int64, device=device)
-    if uses_numpy(device):  # numpy views: no parallel region
-        pack_codes(flat.numpy(), option.bits, packed.numpy(), scratch.numpy())
-    else:
-        pack_codes(flat, option.bits, packed, scratch)
-    scale_codes = pack_bits(blocked.scale_codes, option.scale_bits)
-    return PackedTensor(
-        shape, option, family, packed, scale_codes, blocked.scale2, blocked.offset.reshape(())
-    )
+        parts = kernel.quantize(weight.reshape(-1), None, option, family, dense=True)
+        expected = _numpy_quantize(weight, option, family, None)
+        wanted = [expected.codes, expected.scale_codes, expected.scale2, expected.offset]
+        wanted.append(_numpy_fake_quantize(weight, option, family, None).reshape(-1))
+        if parts is None or not all(
+            a is not None and _same(a, b) for a, b in zip(parts, wanted, strict=True)
+        ):
+            return False
+    return True

@@ -8,20 +8,35 @@ writer and the adaptive model quantize alike, and one place says which rounding 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.options import QuantOption
-from coalora.quant.quantizer import PackedTensor, fake_quantize, quantize
+from coalora.quant.quantizer import PackedTensor, compiled, fake_quantize, quantize, quantize_both
 
 Rounding = Literal["nearest", "gptq"]
 ROUNDINGS: tuple[str, ...] = get_args(Rounding)
 #: GPTQ's dampening: this fraction of H's mean diagonal is added to its diagonal before inverting
 GPTQ_DAMP = 0.01
+
+
+_T = TypeVar("_T")
+#: one pool of quantizing threads per thread count, kept for the process
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _map(job: Callable[[int], _T], count: int, threads: int) -> list[_T]:
+    """``[job(i) for i in range(count)]``, on ``threads`` threads when there are several."""
+    if threads < 2 or count < 2:
+        return [job(i) for i in range(count)]
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="coalora-quantize")
+    return list(_POOLS[threads].map(job, range(count)))
 
 
 def check_rounding(rounding: str) -> Rounding:
@@ -86,6 +101,44 @@ class Rounder:
 
         factors = [self._factor(n, w) for n, w in zip(names, weights, strict=True)]
         return gptq_quantize_many([w.detach() for w in weights], list(options), self.family, factors)
+
+    def parallel(self, weight: torch.Tensor) -> bool:
+        """Whether :meth:`forms_many` can spread matrices like ``weight`` over threads: round-to-nearest
+        with the compiled pass (it lets go of the GIL; numpy's ops are too short to gain)."""
+        return self.method == "nearest" and compiled(weight)
+
+    def forms_many(
+        self,
+        names: Sequence[str],
+        weights: Sequence[torch.Tensor],
+        options: Sequence[QuantOption],
+        packed: bool,
+        dense: bool,
+        absmax: Sequence[torch.Tensor] | None = None,
+        threads: int = 1,
+    ) -> list[tuple[PackedTensor | None, torch.Tensor | None]]:
+        """Each matrix's packed form (if ``packed``) and dequantized float32 weight (if ``dense``) from one
+        rounding: round-to-nearest writes both in one pass (``absmax``: each weight's
+        :func:`~coalora.quant.quantizer.block_absmax` at its option's block size, if known), matrices on
+        ``threads`` threads where :meth:`parallel`; GPTQ dequantizes its packed forms (bit for bit its
+        dense ones)."""
+        if self.method != "nearest":
+            if not packed:
+                return [(None, d) for d in self.dense_many(names, weights, options)]
+            found = self.packed_many(names, weights, options)
+            return [(p, p.dequantize() if dense else None) for p in found]
+
+        def one(i: int) -> tuple[PackedTensor | None, torch.Tensor | None]:
+            w, o, a = weights[i].detach(), options[i], None if absmax is None else absmax[i]
+            if packed and dense:
+                return quantize_both(w, o, self.family, a)
+            return (
+                (None, fake_quantize(w, o, self.family, a))
+                if dense
+                else (quantize(w, o, self.family, a), None)
+            )
+
+        return _map(one, len(weights), threads if weights and self.parallel(weights[0]) else 1)
 
     def dense_many(
         self, names: Sequence[str], weights: Sequence[torch.Tensor], options: Sequence[QuantOption]
