@@ -19,7 +19,7 @@ of the model once (safetensors files are memory-mapped: a weight becomes residen
 Whole-process peak is VmHWM after the prediction; time to first prediction runs from spawning the
 process to the prediction's return. Medians over the runs.
 
-    python benchmarks/bench_cold_load.py --ckpt last.ckpt [--runs 5] [--out-dir /tmp/coalora-cold-load]
+    python benchmarks/bench_cold_load.py --ckpt last.ckpt [--runs 5] [--out-dir DIR]
         [--threads N]
 
 With ``--ckpt`` the artifacts are written by ``coalora adapt --budget 3.0`` (a single-configuration
@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,7 +222,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", help="checkpoint for `coalora adapt` (default: an untrained task)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--out-dir", default="/tmp/coalora-cold-load", help="where the artifacts go")
+    parser.add_argument(
+        "--out-dir",
+        default=str(Path(tempfile.gettempdir()) / "coalora-cold-load"),
+        help="where the artifacts go",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads in both scripts (0: default)")
     parser.add_argument("--probe", nargs=4, metavar=("MODE", "DIR", "SPAWNED", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -30,6 +30,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=60, help="steps reciting the corpus")
     parser.add_argument("--mixes", nargs="+", default=[*MIXES, "f16", "f32"], choices=[*MIXES, "f16", "f32"])
-    parser.add_argument("--out", type=Path, default=Path("/tmp/coalora-gguf-bench"))
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "coalora-gguf-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import llama_cpp
