@@ -45,6 +45,7 @@ from lowbit_regime import (
     plot,
     random_configs,
 )
+from lowbit_regime import cells as lowbit_cells
 
 OUT = REPO / "docs" / "bench" / "rounding.json"
 FULL = "fp-lora (unquantized)"
@@ -137,24 +138,11 @@ def run_seed(seed: int, only: list[str] | None) -> list[dict]:
 
 
 def cells(rows: list[dict]) -> dict[str, dict]:
-    """Per method: mean ± std over seeds at each budget, of the per-seed budget mean and random mean."""
-    out: dict[str, dict] = {}
-    for method in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == method]
-        seeds = sorted({r["seed"] for r in mine})
-        entry: dict = {"seeds": seeds, "budget": {}}
-        for label in [*map(str, BUDGETS), "fp"]:
-            values = [r["accuracy"] for r in mine if r["label"] == label and r["kind"] in ("budget", "fp")]
-            if values:
-                entry["budget"][label] = mean_std(values)
-        for kind in ("budget", "random"):
-            per_seed = [
-                statistics.fmean(r["accuracy"] for r in mine if r["seed"] == s and r["kind"] == kind)
-                for s in seeds
-                if any(r["seed"] == s and r["kind"] == kind for r in mine)
-            ]
-            entry[f"{kind}_mean"] = mean_std(per_seed) if per_seed else None
-        out[method] = entry
+    """The low-bit regime's cells (mean ± std over seeds per budget, of the per-seed budget and random
+    means), with training minutes counted per run: a per-budget method (either rounding) trains per budget."""
+    out = lowbit_cells(rows)
+    for method, entry in out.items():
+        entry["train_minutes_per_seed"] = minutes(rows, method)
     return out
 
 
@@ -235,8 +223,6 @@ def main(argv: list[str] | None = None) -> None:
         report["comparisons"] = comparisons(rows)
         OUT.write_text(json.dumps(report, indent=1) + "\n")
         summary = report["cells"]
-        for method, entry in summary.items():
-            entry["train_minutes_per_seed"] = minutes(rows, method)
         OUT.with_suffix(".md").write_text(markdown(summary, report["comparisons"]))
         plot(rows, summary, OUT.with_suffix(".png"))
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
