@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import write_result
 
-from callbacks.pareto_search import _eval_mode, mean_loss
+from callbacks.pareto_search import eval_mode, mean_loss
 from coalora.pretrained import DEFAULT_MODEL
 from coalora.quant.qconfig import ConfigSpace
 from coalora.quant.targets import TargetMatrix
@@ -123,7 +123,7 @@ def bench_scoring(configs: int = 6, batches: int = 4, batch_size: int = 32) -> d
     generator = torch.Generator().manual_seed(0)
     sampled = [space.decode(e) for e in candidates.random_encodings(space, configs, generator)]
     timings: dict[str, list[float]] = {"cold": [], "warm": []}
-    with _eval_mode(module):
+    with eval_mode(module):
         for kind in ("cold", "warm"):
             for config in sampled:
                 start = time.perf_counter()

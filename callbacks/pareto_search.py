@@ -14,8 +14,6 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -25,10 +23,12 @@ from torch import Tensor
 
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import budget_grid
-from coalora.quant.qconfig import ConfigSpace, QConfig
+from coalora.quant.qconfig import ConfigSpace
 from coalora.search.archive import Archive
 from coalora.search.candidates import CANDIDATE_METHODS, SearchSettings, propose, random_encodings
 from coalora.search.pareto import hypervolume, pareto_mask, reference_point, segment_filter
+from coalora.search.rescoring import RESCORE_POLICIES, carry_drift, rows_to_score
+from coalora.search.scoring import eval_mode, mean_loss
 from coalora.tasks.base import CoALoRATask
 from coalora.utils import write_text_atomic
 
@@ -45,7 +45,10 @@ class ParetoConfigSearch(L.Callback):
     modes score the archive, so logged fronts and hypervolumes compare across modes. ``candidate_method``
     ``coordinate`` is the paper's finite-difference ascent (``num_starts`` starts, ``max_steps`` moves);
     ``botorch`` runs botorch's discrete local search to a local optimum instead (slower, no step limit).
-    ``refresh_archive=False`` keeps stale scores and only scores new configurations. f1 is the mean loss
+    ``rescore`` says which archive entries a round scores again (:mod:`coalora.search.rescoring`):
+    ``relevant`` (the default: the training set, the front and the new candidates; the others' scores
+    move by the shift measured on those), ``all`` or ``new``; the older ``refresh_archive`` (True: ``all``,
+    False: ``new``) is still read. f1 is the mean loss
     over ``score_batches`` batches of the search split; None (the default) scores on all of it, since the
     differences the search acts on are small next to the noise of a few batches. No round follows the last
     training epoch unless ``final_round`` asks for one (to inspect the scored front): its new set would
@@ -64,7 +67,8 @@ class ParetoConfigSearch(L.Callback):
         candidate_method: str = "coordinate",
         num_segments: int = 40,
         bits_range: tuple[float, float] | None = None,
-        refresh_archive: bool = True,
+        rescore: str | None = None,
+        refresh_archive: bool | None = None,
         random_per_round: int = 10,
         mc_samples: int = 32,
         gp_maxiter: int = 100,
@@ -97,6 +101,12 @@ class ParetoConfigSearch(L.Callback):
         ):
             if value < least:
                 raise CoaloraError(f"{name} must be >= {least}, got {value}")
+        if rescore is not None and refresh_archive is not None:
+            raise CoaloraError("give rescore or refresh_archive (its older name), not both")
+        if rescore is None:
+            rescore = "relevant" if refresh_archive is None else ("all" if refresh_archive else "new")
+        if rescore not in RESCORE_POLICIES:
+            raise CoaloraError(f"unknown rescore '{rescore}'; use one of: {', '.join(RESCORE_POLICIES)}")
         grid = budget_grid()
         low, high = (grid[0], grid[-1]) if bits_range is None else bits_range
         self.bits_range = (float(low), float(high))
@@ -108,7 +118,7 @@ class ParetoConfigSearch(L.Callback):
         self.score_batches = score_batches
         self.score_batch_size = score_batch_size
         self.num_segments = num_segments
-        self.refresh_archive = refresh_archive
+        self.rescore = rescore
         self.random_per_round = random_per_round
         self.seed = seed
         self.archive_file = archive_file
@@ -128,6 +138,8 @@ class ParetoConfigSearch(L.Callback):
         self.last_round = -1  # epoch whose round finished last
         self.last_round_step = -1  # global step whose round finished last (every_n_train_steps)
         self._warned = False
+        #: archive rows scored in the last round (the others' f1, if any, is an older score, shifted)
+        self._scored_rows: set[int] = set()
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: CoALoRATask) -> None:
@@ -204,23 +216,26 @@ class ParetoConfigSearch(L.Callback):
         batches = self._search_batches(trainer, module)
         current = torch.stack([space.encode(c) for c in module.train_configs])
         current_rows = self.archive.add(current, space.avg_bits_encoded(current))
-        stale = torch.arange(len(self.archive))
-        if not self.refresh_archive:
-            stale = stale[self.archive.f1.isnan()]
-        self._score(trainer, module, stale, batches, epoch)
+        due = rows_to_score(self.archive, current_rows, self.rescore)
+        before = self.archive.f1[due].clone()
+        self._score(trainer, module, due, batches, epoch)
+        if self.rescore == "relevant":  # the same on every rank: scores are summed over ranks first
+            module.log("search/stale_shift", carry_drift(self.archive, due, before), sync_dist=True)
 
         fresh = self._share(trainer, lambda: self._fresh(space, current_rows))
         known = len(self.archive)
         fresh_rows = self.archive.add(fresh, space.avg_bits_encoded(fresh))
         new_rows = torch.arange(known, len(self.archive))
         self._score(trainer, module, new_rows, batches, epoch)
+        scored = len(due) + len(new_rows)
+        self._scored_rows = set(due.tolist()) | set(new_rows.tolist())
         self.candidates = self.archive.encoded[new_rows]
 
         rows = self._share(trainer, lambda: self._next_set(current_rows, fresh_rows))
         self.train_set = self.archive.encoded[rows]
         module.set_training_configs([space.decode(e) for e in self.train_set])
         module.log("search/round_seconds", time.perf_counter() - started, sync_dist=True)
-        self._report(trainer, module, space, rows, len(new_rows), epoch)
+        self._report(trainer, module, space, rows, len(new_rows), epoch, scored)
 
     def _fresh(self, space: ConfigSpace, current_rows: Tensor) -> Tensor:
         """This round's new encodings (rank 0 only): GP candidates, random ones, or none."""
@@ -257,7 +272,10 @@ class ParetoConfigSearch(L.Callback):
                 "ParetoConfigSearch scores configurations on the search split: train with GLUEDataModule "
                 "(search_size > 0) passed to the Trainer as the datamodule"
             )
-        loader = datamodule.search_dataloader(batch_size=self.score_batch_size)
+        # the whole split is scored shortest sentences first (less padding, the same mean); a few batches
+        # keep the split's fixed order, which is a random sample of it
+        whole = self.score_batches is None
+        loader = datamodule.search_dataloader(batch_size=self.score_batch_size, by_length=whole)
         return [
             {k: v.to(module.device) for k, v in b.items()}
             for b in itertools.islice(loader, self.score_batches)
@@ -271,7 +289,7 @@ class ParetoConfigSearch(L.Callback):
             return
         space = module.model.space
         values = torch.zeros(len(rows), dtype=torch.float64)
-        with _eval_mode(module), trainer.precision_plugin.val_step_context():
+        with eval_mode(module), trainer.precision_plugin.val_step_context():
             for i in range(trainer.global_rank, len(rows), trainer.world_size):
                 values[i] = mean_loss(module, space.decode(self.archive.encoded[rows[i]]), batches)
         if trainer.world_size > 1:
@@ -288,6 +306,7 @@ class ParetoConfigSearch(L.Callback):
         rows: Tensor,
         new: int,
         epoch: int,
+        scored_now: int,
     ) -> None:
         scored = self.archive.f1.isfinite()
         y = self.archive.objectives()[scored]
@@ -300,6 +319,7 @@ class ParetoConfigSearch(L.Callback):
                 "search/front_size": float(front.sum()),
                 "search/hypervolume": volume,
                 "search/new_configs": float(new),
+                "search/scored_configs": float(scored_now),
                 "search/train_configs": float(len(rows)),
             },
             sync_dist=True,  # equal on every rank; syncing keeps Lightning's DDP logging consistent
@@ -334,6 +354,7 @@ class ParetoConfigSearch(L.Callback):
                     "epoch": int(self.archive.epoch[i]),
                     "training": i in training,
                     "pareto": bool(on_front[i]),
+                    "rescored": i in self._scored_rows,
                 }
             )
         data = {
@@ -366,26 +387,3 @@ def _no_training_follows(trainer: L.Trainer) -> bool:
     if 0 < trainer.max_steps <= trainer.global_step:
         return True
     return bool(trainer.is_last_batch) and _last_epoch(trainer, trainer.current_epoch)
-
-
-def mean_loss(module: CoALoRATask, config: QConfig, batches: list[dict]) -> float:
-    """Example-weighted mean task loss of ``module`` under ``config`` over ``batches`` (no grad)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            size = module.batch_size(batch)
-            total += float(module.batch_loss(batch, config)) * size
-            count += size
-    return total / max(count, 1)
-
-
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for scoring; afterwards every submodule gets back its own mode (frozen parts included)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:  # when run as the DDP script
     sys.path.insert(0, str(REPO))
 
 from callbacks import ParetoConfigSearch
-from callbacks.pareto_search import _eval_mode
+from callbacks.pareto_search import eval_mode
 from coalora.errors import CoaloraError
 from coalora.quant.options import FIELD_SIZES, OPTION_SPACE, QuantOption
 from coalora.quant.qconfig import ConfigSpace, QConfig
@@ -323,7 +323,7 @@ def test_eval_mode_restores_every_submodule() -> None:
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
     net.train()
     net[1].eval()  # a part kept in eval mode on purpose
-    with _eval_mode(net):
+    with eval_mode(net):
         assert not any(m.training for m in net.modules())
     assert net.training and net[0].training and not net[1].training
 
@@ -685,3 +685,64 @@ def test_the_mapper_off_ablation_trains_coalora_without_a_mapper(tiny_bert):
     module = tiny_module(tiny_bert, use_mapper=False)
     assert module.method.name == "coalora" and module.model.mapper is None
     assert not any("mapper" in name for name, _ in module.named_parameters())
+
+
+@pytest.mark.parametrize("policy", ["relevant", "all"])
+def test_later_rounds_score_only_the_set_the_front_and_new(policy, pristine, tiny_bert, glue_dir, tmp_path):
+    """Issue #25: with ``rescore: relevant`` a later round scores the training set, the front and the new
+    candidates, not the whole archive; the archive file says which scores are this round's."""
+    counts: list[tuple[int, int, int]] = []  # (archive size before the round, scored, new)
+    callback = tiny_callback(every_n_train_steps=2, rescore=policy, num_starts=4)
+    real = callback._round
+
+    def recording(trainer, module, epoch):
+        size = len(callback.archive)
+        real(trainer, module, epoch)
+        metrics = trainer.callback_metrics
+        counts.append((size, int(metrics["search/scored_configs"]), int(metrics["search/new_configs"])))
+
+    callback._round = recording
+    trainer(tmp_path, [callback], epochs=1).fit(fresh(pristine), tiny_data(tiny_bert, glue_dir))
+    assert len(counts) == 2  # after steps 2 and 4 (final_round)
+    (size0, scored0, new0), (size1, scored1, new1) = counts
+    assert size0 == 0 and scored0 == 3 + new0  # the first round scores the initial set and its candidates
+    assert size1 == 3 + new0 and new1 > 0
+    entries = json.loads((tmp_path / "search_archive.json").read_text())["entries"]
+    rescored = [e for e in entries if e["rescored"]]
+    assert len(rescored) == scored1 and all(math.isfinite(e["f1"]) for e in entries)
+    if policy == "all":
+        assert scored1 == size1 + new1
+    else:
+        assert scored1 < size1 + new1  # something on the archive was left out
+        stale = [e for e in entries if not e["rescored"]]
+        assert stale and not any(e["pareto"] for e in stale)  # dominated before, and after the shift
+
+
+def test_the_whole_split_is_scored_shortest_first_to_the_same_mean(pristine, tiny_bert, glue_dir):
+    """Issue #25: whole-split scoring batches sentences by length (less padding), which leaves f1 as it was;
+    a few batches keep the split's fixed order (a random sample of it)."""
+    from callbacks.pareto_search import mean_loss
+
+    module = fresh(pristine)
+    data = tiny_data(tiny_bert, glue_dir)
+    data.setup("fit")
+
+    class Run:
+        datamodule = data
+
+    sorted_batches = ParetoConfigSearch(score_batch_size=8)._search_batches(Run(), module)
+    fixed = [dict(b) for b in data.search_dataloader(batch_size=8)]
+    assert sum(b["input_ids"].numel() for b in sorted_batches) < sum(b["input_ids"].numel() for b in fixed)
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in sorted_batches]
+    assert lengths == sorted(lengths)
+    assert sorted(torch.cat([b["labels"] for b in sorted_batches]).tolist()) == sorted(
+        torch.cat([b["labels"] for b in fixed]).tolist()
+    )
+    config = module.train_configs[0]
+    with torch.no_grad():
+        module.eval()
+        assert mean_loss(module, config, sorted_batches) == pytest.approx(
+            mean_loss(module, config, fixed), abs=1e-5
+        )
+    few = ParetoConfigSearch(score_batch_size=8, score_batches=2)._search_batches(Run(), module)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(few, fixed[:2], strict=True))

@@ -203,10 +203,24 @@ class GLUEDataModule(ResumableTrainData, L.LightningDataModule):
         """The dev split again: GLUE's test labels are hidden."""
         return self._loader(self.dev_set, self.hparams.eval_batch_size)
 
-    def search_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """The held-out search split, in a fixed order, for scoring quantization configurations."""
+    def search_dataloader(self, batch_size: int | None = None, by_length: bool = False) -> DataLoader:
+        """The held-out search split, in a fixed order, for scoring quantization configurations;
+        ``by_length``: shortest first, so that each batch pads to little (for scoring the whole split,
+        where the order does not change the mean)."""
         if self.hparams.search_size == 0:
             raise CoaloraError("the search split is disabled (search_size=0); set search_size > 0")
         if self.search_set is None:
             self._setup_train()
-        return self._loader(self.search_set, batch_size or self.hparams.eval_batch_size)
+        loader = self._loader(self.search_set, batch_size or self.hparams.eval_batch_size)
+        if not by_length:
+            return loader
+        assert self.search_set is not None
+        lengths = [len(ids) for ids in self.search_set.features["input_ids"]]
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return DataLoader(
+            self.search_set,
+            batch_size=loader.batch_size,
+            sampler=order,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )

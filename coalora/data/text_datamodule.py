@@ -283,6 +283,7 @@ class TextDataModule(ResumableTrainData, L.LightningDataModule):
         assert self.search_set is not None
         return self.search_set
 
-    def search_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """The held-out search blocks, in a fixed order, for scoring quantization configurations."""
+    def search_dataloader(self, batch_size: int | None = None, by_length: bool = False) -> DataLoader:
+        """The held-out search blocks, in a fixed order, for scoring quantization configurations
+        (``by_length`` changes nothing: every block has the same length)."""
         return self._loader(self._search_set(), batch_size or self.hparams.eval_batch_size)
