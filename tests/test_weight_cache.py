@@ -79,3 +79,57 @@ def test_a_packed_cache_trains_the_same_gradient(tiny_models_dir):
         grads.append(torch.cat([p.grad.flatten() for p in task.model.trainable_parameters()]))
     assert grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("mode", ["dense", "packed", "auto"])
+def test_a_bf16_cache_holds_what_autocast_would_cast_to(mode):
+    """Issue #25: dense entries held in the compute dtype are the fp32 entries' bits after the cast, at
+    half the bytes; packed entries are handed out in it too."""
+    wide, narrow = QuantCache(1 << 30, mode=mode), QuantCache(1 << 30, mode=mode, dense_dtype=torch.bfloat16)
+    for name, weight in _weights().items():
+        for option in OPTIONS:
+            got = narrow.get(name, option, weight)
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, wide.get(name, option, weight).to(torch.bfloat16))
+    if mode == "dense":
+        assert narrow.nbytes * 2 == wide.nbytes
+    assert (
+        narrow.renewed().dense_dtype == torch.bfloat16
+        and narrow.renewed(dense_dtype=None).dense_dtype is None
+    )
+
+
+def test_a_bf16_cache_gives_the_same_autocast_forward_and_trains_under_bf16_mixed(tiny_models_dir):
+    """The same logits and gradients under bf16 autocast whether the dense entries are fp32 (cast on every
+    forward) or bf16 (cast once); outside autocast a bf16 entry is widened to the input's dtype."""
+    import lightning as L
+
+    ids = torch.randint(5, 200, (4, 10), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1] * 2)}
+    torch.manual_seed(0)
+    task = ClassificationTask(
+        model_name=str(tiny_models_dir / "tiny-bert"), rank=4, train_budgets=[2.5, 3.3, 5.0], lora_dropout=0.0
+    ).train()
+    config = task.train_configs[0]
+    results = []
+    for dtype in (None, torch.bfloat16):
+        task.model.set_dense_dtype(dtype)
+        task.zero_grad()
+        torch.manual_seed(2)  # the backbone's dropout
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = task.batch_loss(batch, config)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in task.model.trainable_parameters()])
+        results.append((loss.detach(), grads))
+    assert task.model.layers[0].active_weight.dtype == torch.bfloat16
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with torch.no_grad():  # no autocast: the bf16 entry is used at the input's width
+        assert task.batch_loss(batch, config).dtype == torch.float32
+
+    trainer = L.Trainer(precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False)
+    task.trainer = trainer
+    task.setup("validate")
+    assert task.model.cache.dense_dtype == torch.bfloat16
+    task.trainer = L.Trainer(precision="32-true", accelerator="cpu", logger=False, enable_checkpointing=False)
+    task.setup("validate")
+    assert task.model.cache.dense_dtype is None

@@ -81,6 +81,8 @@ class LoRALinear(nn.Module):
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer's output with ``weight`` as the frozen path's weight: a backend that makes a transient
         weight for one call (the packed one) passes it here rather than through :meth:`base_weight`."""
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)  # a weight cached in the autocast dtype, used outside autocast
         out = F.linear(x, weight, self.bias)
         hidden = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
         if self.adjustment is not None:

@@ -131,6 +131,13 @@ class CoALoRAModel(nn.Module):
         self.cache = self.cache.renewed(mode=mode)
         self.set_config(None)
 
+    def set_dense_dtype(self, dtype: torch.dtype | None) -> None:
+        """Hold dense quantized weights in ``dtype`` (the autocast dtype; None: the weights' own), so that
+        no forward casts them again; the cache restarts empty if this changes it."""
+        if dtype != self.cache.dense_dtype:
+            self.cache = self.cache.renewed(dense_dtype=dtype)
+            self.set_config(None)
+
     def set_rounding(self, rounding: Rounding, hessians: dict[str, torch.Tensor] | None = None) -> None:
         """Quantize later switches with ``rounding`` (``gptq``: with these targets' input statistics);
         every cached weight is dropped, since it was rounded the old way."""

@@ -21,7 +21,9 @@ rounding with the model's calibration statistics): a (matrix, option) is rounded
 The form an entry is held in is chosen before it is quantized (``auto`` goes packed as soon as the
 entries to add would overflow the bound), so none is quantized twice. ``keep_codes`` makes dense entries
 carry their packed form too (counted in the bound): an export of a configuration switched to before
-reuses them (:meth:`QuantCache.packed_form`). Each matrix's block absmax, the same for every option of one
+reuses them (:meth:`QuantCache.packed_form`). ``dense_dtype`` holds dense entries in the compute dtype
+(bf16 under bf16 autocast): the cast autocast would otherwise make of every entry on every forward is made
+once, to the same bits, at half the bytes. Each matrix's block absmax, the same for every option of one
 block size, is kept per (matrix, block size) in :class:`AbsmaxStore` and survives :meth:`QuantCache.clear`.
 """
 
@@ -121,9 +123,11 @@ class QuantCache:
         rounder: Rounder | None = None,
         keep_codes: bool = False,
         absmax: AbsmaxStore | None = None,
+        dense_dtype: torch.dtype | None = None,
     ) -> None:
         """``rounder`` (default: round-to-nearest in ``family``) chooses every entry's codes; ``absmax``: a
-        store to share (default: a new one bounded to an eighth of ``max_bytes``)."""
+        store to share (default: a new one bounded to an eighth of ``max_bytes``); ``dense_dtype``: what
+        dense weights are held and handed out in (default: the weight's own dtype)."""
         if mode not in CACHE_MODES:
             raise CoaloraError(f"quant cache mode must be one of {', '.join(CACHE_MODES)}, got '{mode}'")
         self.max_bytes = max_bytes
@@ -131,6 +135,7 @@ class QuantCache:
         self.family = self.rounder.family
         self.mode = mode
         self.keep_codes = keep_codes
+        self.dense_dtype = dense_dtype
         #: threads that quantize a configuration's missing matrices side by side where the compiled pass
         #: runs (:class:`~coalora.deploy.adaptive.AdaptiveModel` sets its own; training keeps one)
         self.threads = 1
@@ -142,11 +147,17 @@ class QuantCache:
         self.hits = self.misses = 0
         self._prefetched: set[tuple[str, QuantOption]] = set()  # filled by prefetch, not yet got
 
-    def renewed(self, mode: CacheMode | None = None, rounder: Rounder | None = None) -> QuantCache:
-        """An empty cache with this one's bound, code keeping, threads and absmax store, in ``mode`` and
-        with ``rounder`` (default: this one's)."""
+    def renewed(
+        self,
+        mode: CacheMode | None = None,
+        rounder: Rounder | None = None,
+        dense_dtype: torch.dtype | str | None = "same",
+    ) -> QuantCache:
+        """An empty cache with this one's bound, code keeping, threads and absmax store, in ``mode``, with
+        ``rounder`` and ``dense_dtype`` (defaults: this one's)."""
         mode, rounder = self.mode if mode is None else mode, self.rounder if rounder is None else rounder
-        cache = QuantCache(self.max_bytes, self.family, mode, rounder, self.keep_codes, self.absmax)
+        dtype = self.dense_dtype if isinstance(dense_dtype, str) else dense_dtype
+        cache = QuantCache(self.max_bytes, self.family, mode, rounder, self.keep_codes, self.absmax, dtype)
         cache.threads = self.threads
         return cache
 
@@ -160,8 +171,11 @@ class QuantCache:
                 self._prefetched.discard(key)
             else:
                 self.hits += 1
-            return self._dense(cached, weight.dtype)
-        return self._dense(self._fill([(name, option, weight)])[0], weight.dtype)
+            return self._dense(cached, self._dtype(weight))
+        return self._dense(self._fill([(name, option, weight)])[0], self._dtype(weight))
+
+    def _dtype(self, weight: torch.Tensor) -> torch.dtype:
+        return weight.dtype if self.dense_dtype is None else self.dense_dtype
 
     def packed_form(self, name: str, option: QuantOption) -> PackedTensor | None:
         """The packed form held for (``name``, ``option``), if any: a packed entry, or a dense one's codes."""
@@ -184,7 +198,7 @@ class QuantCache:
     def _fill(self, items: list[tuple[str, QuantOption, torch.Tensor]]) -> list[Entry]:
         """Quantize ``items`` once each, in the form the cache holds them, store them; returns them."""
         if not self.packed and self.mode == "auto":
-            adding = sum(w.numel() * w.element_size() for _, _, w in items)
+            adding = sum(w.numel() * self._dtype(w).itemsize for _, _, w in items)
             if self.keep_codes:
                 adding += sum(math.ceil(o.storage_bits * w.numel() / 8) for _, o, w in items)
             if self._bytes + adding > self.max_bytes:
@@ -207,7 +221,7 @@ class QuantCache:
                 entry = packed
             else:
                 assert dense is not None
-                dense = dense.to(weight.dtype)
+                dense = dense.to(self._dtype(weight))
                 entry = dense if packed is None else CodedDense(dense, packed)
             entries.append(entry)
             self._store((name, option), entry)

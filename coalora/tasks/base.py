@@ -45,6 +45,8 @@ from coalora.tasks.validation import check_task_arguments
 from coalora.tasks.weighted_allocation import WeightedAllocation
 from coalora.utils import budget_label, model_inputs
 
+#: Lightning precision -> the dtype autocast computes in (dense quantized weights are held in it)
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 #: task name (stored in checkpoints) -> task class; subclasses register themselves by ``task_type``
 TASK_TYPES: dict[str, type[CoALoRATask]] = {}
 
@@ -312,6 +314,8 @@ class CoALoRATask(
             self.use_allocation_data(datamodule)
         if stage == "fit" and not self.model.rounder.ready and datamodule is not None:
             self.serve_with(self.hparams.rounding, datamodule)
+        if self._trainer is not None:  # dense weights in the autocast dtype: no cast per forward (#25)
+            self.model.set_dense_dtype(AUTOCAST_DTYPES.get(str(self._trainer.precision)))
 
     def on_fit_start(self) -> None:
         """Every DDP rank trains on rank 0's configuration sets (allocation is deterministic, but be sure)."""
