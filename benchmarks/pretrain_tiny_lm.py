@@ -5,7 +5,9 @@ is unreachable), yet the WikiText-2 experiment needs a causal LM that has actual
 that quantizing it opens a real perplexity gap for the adapters to close, and so that WikiText-2 is a
 real domain shift from what it saw in pretraining (short lowercase movie-review snippets). This script
 makes that model: a byte-level BPE tokenizer (lowercasing, BOS added like LLaMA) and a 4-layer LLaMA with
-every linear dimension a multiple of 64 (the quantizer's block size), saved as a local Hugging Face folder.
+every linear input a multiple of 256 (hidden 256, inner 768: llama.cpp's K-quant super-block, so any
+tensor can take any GGUF type, and a multiple of the quantizer's 64-weight blocks; the model of
+docs/results.md's first LM runs had inner 704), saved as a local Hugging Face folder.
 
 Run (from the repo root; data from $GLUE_DIR/sst2/train.tsv, GLUE_DIR defaults to ../shared/data):
 
@@ -43,7 +45,7 @@ from transformers import PreTrainedTokenizerFast as FastTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["<s>", "</s>", "<unk>", "<pad>"]
-DEFAULTS: dict[str, Any] = dict(vocab=4096, layers=4, hidden=256, heads=4, kv_heads=4, inner=704, context=256)
+DEFAULTS: dict[str, Any] = dict(vocab=4096, layers=4, hidden=256, heads=4, kv_heads=4, inner=768, context=256)
 DEFAULTS |= dict(block=128, batch=32, steps=1000, warmup=100, threads=2, seed=0)
 DEFAULTS |= dict(lr=3e-3, weight_decay=0.1, max_minutes=20.0)
 

@@ -3,7 +3,8 @@
 The configuration comes from a bit budget (the allocator), a qconfig file, or a byte budget (the
 least-error configuration whose weights fit). qlora/lqlora/fp checkpoints need none: they are exported at
 the one configuration they were trained for (fp: full precision). ``--format peft`` writes a dequantized
-Hugging Face base model and a standard PEFT LoRA adapter instead of the compact artifact.
+Hugging Face base model and a standard PEFT LoRA adapter instead of the compact artifact; ``--format gguf``
+writes a LLaMA run as llama.cpp's ``model.gguf`` + ``adapter.gguf`` (:mod:`coalora.deploy.gguf_adapt`).
 """
 
 from __future__ import annotations
@@ -44,9 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to write (replaced only if it is an export)")
     parser.add_argument(
         "--format",
-        choices=("coalora", "peft"),
+        choices=("coalora", "peft", "gguf"),
         default="coalora",
-        help="coalora: packed low-bit artifact (default); peft: dequantized base + PEFT adapter",
+        help="coalora: packed low-bit artifact (default); peft: dequantized base + PEFT adapter; gguf: "
+        "llama.cpp model.gguf + adapter.gguf (LLaMA runs; with --gguf-type or --budget)",
+    )
+    parser.add_argument(
+        "--gguf-type",
+        default=None,
+        help="with --format gguf: one llama.cpp type for every target, e.g. Q4_K (K-quants fall back per "
+        "tensor where rows are not multiples of 256); or give --budget to allocate types per tensor",
     )
     parser.add_argument(
         "--embedding-dtype",
@@ -69,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     from coalora.deploy.files import check_replaceable
     from coalora.tasks.checkpoint import load_task
 
+    if args.format == "gguf":
+        return _run_gguf(args)
+    if args.gguf_type is not None:
+        raise CoaloraError("--gguf-type needs --format gguf")
     if args.budget is not None:
         check_budget(args.budget)
     check_input_files([args.ckpt], "checkpoint", "pass a .ckpt written by `coalora fit`")
@@ -92,4 +104,23 @@ def run(args: argparse.Namespace) -> int:
     )
     report.timings = {"load checkpoint": loaded, **report.timings}
     print("\n".join(report.lines()))
+    return 0
+
+
+def _run_gguf(args: argparse.Namespace) -> int:
+    """``--format gguf``: every input checked before the checkpoint is read; nothing half-written."""
+    from coalora.deploy.files import check_replaceable
+    from coalora.deploy.gguf_adapt import check_gguf_request, export_gguf, summary_lines
+    from coalora.deploy.gguf_export import require_gguf
+    from coalora.tasks.checkpoint import load_task
+
+    if args.qconfig is not None or args.max_bytes is not None:
+        raise CoaloraError("--format gguf takes --gguf-type or --budget, not --qconfig or --max-bytes")
+    check_gguf_request(args.gguf_type, args.budget)
+    require_gguf()  # the package that writes the files, before the checkpoint is read
+    check_input_files([args.ckpt], "checkpoint", "pass a .ckpt written by `coalora fit`")
+    check_replaceable(check_output_dir(args.out, "--out"))
+    module = load_task(args.ckpt, "nearest")  # the base is written from full precision: no calibration
+    metadata = export_gguf(module, args.out, gguf_kind=args.gguf_type, budget=args.budget)
+    print("\n".join(summary_lines(metadata, args.out)))
     return 0

@@ -45,11 +45,11 @@ FILE_TYPES = {
 DENSE_TYPES = ("F16", "F32")
 
 
-def _gguf() -> Any:
+def require_gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise CoaloraError("the gguf format needs the gguf package; pip install gguf") from None
+        raise CoaloraError("the gguf format needs the gguf package; pip install 'coalora[gguf]'") from None
     return gguf
 
 
@@ -143,7 +143,7 @@ def _writer(path: str | os.PathLike) -> tuple[Any, Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    return _gguf().GGUFWriter(tmp, ARCH), tmp, path
+    return require_gguf().GGUFWriter(tmp, ARCH), tmp, path
 
 
 def write_llama_gguf(
@@ -165,7 +165,7 @@ def write_llama_gguf(
     ``target_bytes`` (exactly Σ numel · bits_per_weight / 8 over the targets), ``other_bytes``,
     ``file_bytes`` and ``overhead_bytes`` (header, metadata, tokenizer, alignment padding).
     """
-    gguf = _gguf()
+    gguf = require_gguf()
     config = _llama_config(model)
     dense = str(dense_type).upper()
     if dense not in DENSE_TYPES:
@@ -242,7 +242,7 @@ def write_lora_gguf(
     """Write a llama.cpp LoRA adapter at ``path``: per module ``(A [r, in], B [out, r])``, the update
     being ``alpha / r · B A``; ``config`` is the base's LLaMA config (its head counts reorder q/k's B).
     ``dtype`` is F32 (llama.cpp's converter default, exact) or F16. Returns a summary."""
-    gguf = _gguf()
+    gguf = require_gguf()
     n_head, n_head_kv, _ = head_counts(config)
     kind = str(dtype).upper()
     if kind not in DENSE_TYPES:

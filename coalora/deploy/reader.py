@@ -53,6 +53,11 @@ def read_metadata(folder: Path, verify: bool = True) -> dict:
         raise _corrupt(folder, f"{METADATA_FILE} is not valid JSON ({first_line(err)})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         found = metadata.get("format") if isinstance(metadata, dict) else None
+        if found == "coalora.gguf/1":
+            raise CoaloraError(
+                f"'{folder}' is a GGUF export: run model.gguf with llama.cpp (--lora adapter.gguf), or "
+                "export with --format coalora to load it here"
+            )
         raise CoaloraError(f"'{folder}' has format {found!r}, not '{FORMAT}'; {REEXPORT}")
     required = ("backbone", "task", "method", "lora_scaling", "code_family", "targets", "files", "avg_bits")
     missing = [k for k in required if k not in metadata]
