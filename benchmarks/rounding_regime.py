@@ -16,6 +16,8 @@ set against a bf16 row). Cells, chosen before any run:
   100 more steps of ``coalora-frozen-gptq`` starting from its adapter (``callbacks.AdapterWarmStart``):
   200 steps in all. Its control at equal steps is ``fp2-gptq``: fp-LoRA for two epochs (200 steps),
   every configuration rounded by GPTQ after training.
+- ``coalora-frozen-gptq-distill`` (item 5's second recipe, chosen before running): ``coalora-frozen-gptq``
+  with in-step distillation from the full-precision model (``distill_weight: 1.0``), 100 steps.
 
 Nothing is selected on dev: every run is evaluated from its ``last.ckpt``. Runs live in
 ``runs/rounding/s<seed>/<cell>/`` and are skipped once done (evaluations are reused only under the same
@@ -74,6 +76,12 @@ CELLS["warm-coalora-frozen-gptq"] = (
     "gptq",
 )
 CELLS["fp2-gptq"] = ("fp2", ["--config", "configs/baselines/fp.yaml"], "gptq")
+#: item 5's second recipe, chosen before running: in-step distillation from the full-precision model
+CELLS["coalora-frozen-gptq-distill"] = (
+    "coalora-frozen-gptq-distill",
+    [*CELLS["coalora-frozen-gptq"][1], "--model.distill_weight", "1.0"],
+    "gptq",
+)
 #: cells trained for two epochs (the warm start's 100 + 100 steps, at equal steps)
 TWO_EPOCHS = {"fp2-gptq"}
 for _budget in BUDGETS:
