@@ -53,7 +53,12 @@ def summary(folder: Path) -> dict:
     """One finished run's wall time, rounds and final set, from done.json, metrics.csv and the archive."""
     record = json.loads((folder / "done.json").read_text())
     metrics = max(folder.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    rounds = [r for r in csv.DictReader(metrics.open()) if r.get("search/round_seconds")]
+    rounds: list[dict] = []
+    for row in csv.DictReader(metrics.open()):
+        search = {k: v for k, v in row.items() if k.startswith("search/")}
+        # the epoch's end logs the last round's values once more: keep each round once
+        if row.get("search/round_seconds") and (not rounds or search != rounds[-1]):
+            rounds.append(search)
     newest = max(folder.rglob("search_archive.json"), key=lambda p: p.stat().st_mtime)
     archive = json.loads(newest.read_text())
     final = [e["f1"] for e in archive["entries"] if e["training"]]
