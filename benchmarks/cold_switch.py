@@ -172,13 +172,45 @@ def quantizer_vs_int4(weights: list[torch.Tensor], rounds: int) -> dict:
     return result
 
 
+def two_thread_throughput(weights: list[torch.Tensor], rounds: int = 7) -> dict:
+    """How much a second thread can add on this machine: the compiled ``quantize`` of every target (it
+    lets go of the GIL) once on one thread, against twice on two Python threads side by side (twice the
+    work). ``concurrency`` = 2 x one pass / both passes: 2.0 where two cores run at once, 1.0 where the
+    second thread only takes turns (a busy host, or two vCPUs backed by one core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    option = OPTIONS["nf4_64_256"]
+
+    def one_pass() -> None:
+        for w in weights:
+            quantize(w, option)
+
+    single, double = [], []
+    with intra_op_threads(1), ThreadPoolExecutor(2) as pool:
+        one_pass()
+        for _ in range(rounds):
+            start = time.perf_counter()
+            one_pass()
+            single.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            list(pool.map(lambda _: one_pass(), range(2)))
+            double.append(time.perf_counter() - start)
+    one, two = statistics.median(single), statistics.median(double)
+    concurrency = round(2 * one / two, 2)
+    return {"one_pass_ms": _ms(one), "two_passes_two_threads_ms": _ms(two), "concurrency": concurrency}
+
+
 def issue_25(module, rounds: int) -> dict:
     """Both measurements on ``module`` (its evaluation configurations and target weights), with the
     command and the machine's load."""
     weights = list(target_weights(module.model.backbone, module.model.space.targets).values())
     return {
         "command": "python benchmarks/bench_adapt.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_before": os.getloadavg(),
+            "two_thread_throughput": two_thread_throughput(weights),
+        },
         "cold_switch": cold_switch(module, rounds),
         "quantizer_vs_int4": quantizer_vs_int4(weights, rounds),
     }
