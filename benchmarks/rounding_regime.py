@@ -19,6 +19,10 @@ set against a bf16 row). Cells, chosen before any run:
 - ``coalora-frozen-gptq-distill`` (item 5's second recipe, chosen before running): ``coalora-frozen-gptq``
   with in-step distillation from the full-precision model (``distill_weight: 1.0``), 100 steps.
 
+- ``coalora-search-gptq`` and ``shared-trainset-gptq`` (added before running): the shipped search under
+  ``gptq``, and the frozen set with the mapper off under ``gptq`` (the exact mapper control of
+  ``coalora-frozen-gptq``).
+
 Nothing is selected on dev: every run is evaluated from its ``last.ckpt``. Runs live in
 ``runs/rounding/s<seed>/<cell>/`` and are skipped once done (evaluations are reused only under the same
 flags), so the regime runs in parts. Output: ``docs/bench/rounding.json`` (rows and mean ± std cells).
@@ -80,6 +84,18 @@ CELLS["fp2-gptq"] = ("fp2", ["--config", "configs/baselines/fp.yaml"], "gptq")
 CELLS["coalora-frozen-gptq-distill"] = (
     "coalora-frozen-gptq-distill",
     [*CELLS["coalora-frozen-gptq"][1], "--model.distill_weight", "1.0"],
+    "gptq",
+)
+#: the bar's other CoA-LoRA rows under gptq (added 2026-12-07, before running): the shipped search, and
+#: the frozen set with the mapper off (coalora-frozen-gptq's exact mapper control)
+CELLS["coalora-search-gptq"] = (
+    "coalora-search-gptq",
+    ["--config", str(HERE.relative_to(REPO) / "search.yaml"), *GPTQ],
+    "gptq",
+)
+CELLS["shared-trainset-gptq"] = (
+    "shared-trainset-gptq",
+    [*CELLS["coalora-frozen-gptq"][1], "--model.use_mapper", "false"],
     "gptq",
 )
 #: cells trained for two epochs (the warm start's 100 + 100 steps, at equal steps)
