@@ -18,8 +18,8 @@ from pathlib import Path
 from coalora.checks import FINITE, POSITIVE_INT, arg, check_output_dir, check_output_file
 from coalora.errors import CoaloraError
 from coalora.pretrained import DEFAULT_MODEL
-from coalora.quant.codebooks import CODE_FAMILIES
 from coalora.quant.error_weighting import ERROR_WEIGHTINGS
+from coalora.quant.families import family_names
 from coalora.quant.options import BITS_CHOICES, OPTION_SPACE
 from coalora.utils import budget_label
 
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="texts for the activation statistics (default 128)",
     )
     parser.add_argument(
-        "--codes", choices=CODE_FAMILIES, default="nf", help="code family: NormalFloat or int"
+        "--codes", choices=family_names(), default="nf", help="code family: NormalFloat or int"
     )
     parser.add_argument("--cache-dir", default=None, help="error-table cache (default: $COALORA_CACHE)")
 

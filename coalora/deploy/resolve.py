@@ -12,7 +12,6 @@ from coalora.deploy.layout import Resolution
 from coalora.deploy.sizes import fixed_nbytes, packed_nbytes, quantized_nbytes
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import cached_allocate
-from coalora.quant.options import OPTION_SPACE
 from coalora.quant.qconfig import QConfig
 from coalora.utils import budget_label
 
@@ -73,9 +72,10 @@ def config_for_bytes(module: CoALoRATask, max_bytes: int, max_solves: int = 4) -
     """
     space = module.model.space
     quantized_cap = max_bytes - fixed_nbytes(module)
-    exact = [[packed_nbytes(o, t.numel) for o in OPTION_SPACE] for t in space.targets]
+    family, options = space.family, space.family.option_space
+    exact = [[packed_nbytes(o, t.numel, family.name) for o in options] for t in space.targets]
     rounding = [
-        [size - o.storage_bits * t.numel / 8 for size, o in zip(row, OPTION_SPACE)]
+        [size - family.bits_per_weight(o) * t.numel / 8 for size, o in zip(row, options)]
         for row, t in zip(exact, space.targets)
     ]
     smallest = sum(min(row) for row in exact)
@@ -85,8 +85,8 @@ def config_for_bytes(module: CoALoRATask, max_bytes: int, max_solves: int = 4) -
             f"no configuration fits in {max_bytes:,} bytes: the smallest model needs {need:,} bytes "
             f"({need - smallest:,} of them full precision and adapter); raise --max-bytes to at least {need}"
         )
-    least = min(o.storage_bits for o in OPTION_SPACE)
-    most = max(o.storage_bits for o in OPTION_SPACE)
+    least = min(family.bits_per_weight(o) for o in options)
+    most = max(family.bits_per_weight(o) for o in options)
     numel = space.total_numel
     low = max(least, (quantized_cap - sum(max(r) for r in rounding)) * 8 / numel)
     high = min(most, (quantized_cap - sum(min(r) for r in rounding)) * 8 / numel)

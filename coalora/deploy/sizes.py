@@ -8,31 +8,29 @@ from typing import TYPE_CHECKING
 import torch
 
 from coalora.deploy.layout import Artifact, full_precision_state
-from coalora.quant.options import TORCH_DTYPES, QuantOption
+from coalora.quant.families import get_family
+from coalora.quant.options import QuantOption
 from coalora.quant.qconfig import ConfigSpace, QConfig
 
 if TYPE_CHECKING:
     from coalora.tasks.base import CoALoRATask
 
 
-def packed_layout(option: QuantOption, numel: int) -> dict[str, tuple[torch.dtype, int]]:
-    """Dtype and element count of each tensor :func:`quantize` stores for ``numel`` weights."""
-    blocks = -(-numel // option.block)
-    return {
-        "codes": (torch.uint8, -(-blocks * option.block * option.bits // 8)),
-        "scale_codes": (torch.uint8, -(-blocks * option.scale_bits // 8)),
-        "scale2": (TORCH_DTYPES[option.scale2_dtype], -(-blocks // option.block2)),
-        "offset": (torch.float32, 1),
-    }
+def packed_layout(option: QuantOption, numel: int, family: str = "nf") -> dict[str, tuple[torch.dtype, int]]:
+    """Dtype and element count of each tensor :func:`quantize` stores for ``numel`` weights: the family's
+    part schema (:meth:`~coalora.quant.families.CodeFamily.part_schema`), in its part order."""
+    parts = get_family(family).part_schema(option, numel)
+    return {name: (part.dtype, part.count) for name, part in parts.items()}
 
 
-def packed_nbytes(option: QuantOption, numel: int) -> int:
-    """Exact bytes :func:`quantize` stores for ``numel`` weights: codes, scale codes, scale2 and offset."""
-    return sum(count * dtype.itemsize for dtype, count in packed_layout(option, numel).values())
+def packed_nbytes(option: QuantOption, numel: int, family: str = "nf") -> int:
+    """Exact bytes :func:`quantize` stores for ``numel`` weights (every part of the family's schema)."""
+    return sum(part.nbytes for part in get_family(family).part_schema(option, numel).values())
 
 
 def quantized_nbytes(space: ConfigSpace, config: QConfig) -> int:
-    return sum(packed_nbytes(config.matrices[t.name], t.numel) for t in space.targets)
+    family = space.family_name
+    return sum(packed_nbytes(config.matrices[t.name], t.numel, family) for t in space.targets)
 
 
 def fixed_nbytes(module: CoALoRATask) -> int:

@@ -1,9 +1,9 @@
-"""Code families: the value grids that normalised weights are rounded to.
+"""Codebook search and bit packing: the value grids that normalised weights are rounded to, and their codes.
 
-NormalFloat (SPEC §2.3 item 5) is written by hand because bitsandbytes ships only NF4 (and only for CUDA);
-the 2/3/8-bit NormalFloat grids exist in no maintained library. The integer family is the symmetric
-uniform grid of the paper's Table 4. :class:`NearestLookup` finds each value's nearest level exactly
-(``bucketize`` over the midpoints) without a binary search; the quantizer runs it chunk by chunk. Codes
+The grids themselves belong to the code families (:mod:`coalora.quant.families`; NormalFloat and the
+symmetric integer grid in :mod:`~coalora.quant.families.blocked_codebook`). :class:`NearestLookup` finds
+each value's nearest level exactly (``bucketize`` over the midpoints) without a binary search; the
+quantizer runs it chunk by chunk. Codes
 are stored as a little-endian bit stream (:func:`pack_bits`), packed eight to an int64 word at a time.
 """
 
@@ -19,42 +19,20 @@ import numpy
 import torch
 
 from coalora.errors import CoaloraError
+from coalora.quant.families import BUILTIN_NAMES, get_family
 
 #: A torch.Tensor or a numpy.ndarray: helpers taking it use only what both have (views, slices, in-place
 #: operators), so one body serves the torch path and CPU's numpy path; all arguments of one call are one kind.
 Array: TypeAlias = Any
 
-#: Probability of the outermost NormalFloat quantile (QLoRA's offset); it maps to +1 after normalising.
-NF_DELTA = 0.9677083
-CODE_FAMILIES: tuple[str, ...] = ("nf", "int")
-
-
-@cache
-def _normal_float(bits: int) -> tuple[float, ...]:
-    half = 2 ** (bits - 1)
-    positive_p = torch.linspace(NF_DELTA, 0.5, half + 1, dtype=torch.float64)[:-1]
-    negative_p = torch.linspace(NF_DELTA, 0.5, half, dtype=torch.float64)[:-1]
-    positive = torch.special.ndtri(positive_p)
-    negative = -torch.special.ndtri(negative_p)
-    levels = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
-    return tuple((levels / levels.abs().max()).tolist())
-
-
-@cache
-def _symmetric_int(bits: int) -> tuple[float, ...]:
-    top = 2 ** (bits - 1) - 1
-    return tuple(k / top for k in range(-top, top + 1))
+#: the built-in family names (registered families may add more: :func:`coalora.quant.families.family_names`)
+CODE_FAMILIES: tuple[str, ...] = BUILTIN_NAMES
 
 
 def codebook(bits: int, family: str = "nf") -> torch.Tensor:
-    """Sorted float32 levels in [-1, 1] for ``bits``-bit codes of the given family (``nf`` or ``int``)."""
-    if family == "nf":
-        levels = _normal_float(bits)
-    elif family == "int":
-        levels = _symmetric_int(bits)
-    else:
-        raise CoaloraError(f"unknown code family '{family}'; use one of: {', '.join(CODE_FAMILIES)}")
-    return torch.tensor(levels, dtype=torch.float32)
+    """Sorted float32 levels in [-1, 1] for ``bits``-bit codes of the named family (``nf``, ``int``, or one
+    registered with :func:`coalora.quant.families.register_family`)."""
+    return get_family(family).codebook(bits)
 
 
 #: Codebooks with at most this many midpoints are searched by one compare per midpoint, which is cheaper

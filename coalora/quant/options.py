@@ -9,28 +9,38 @@ import itertools
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 
-import torch
-
 from coalora.errors import CoaloraError
 
-BITS_CHOICES: tuple[int, ...] = (2, 3, 4, 8)
-SCALE_BITS_CHOICES: tuple[int, ...] = (2, 3, 4, 8)
-SCALE2_DTYPE_CHOICES: tuple[str, ...] = ("bf16", "fp16", "fp32")
-BLOCK_CHOICES: tuple[int, ...] = (16, 32, 64)
-BLOCK2_CHOICES: tuple[int, ...] = (16, 64, 256)
+# The schema lives with the family that owns it; these names stay importable from here.
+from coalora.quant.families.blocked_schema import (
+    BITS_CHOICES,
+    BLOCK2_CHOICES,
+    BLOCK_CHOICES,
+    DTYPE_BITS,
+    FIELD_CHOICES,
+    FIELD_NAMES,
+    FIELD_SIZES,
+    SCALE2_DTYPE_CHOICES,
+    SCALE_BITS_CHOICES,
+    TORCH_DTYPES,
+    option_bits,
+)
 
-#: field name -> its allowed values, in index order (the order the search encodes them by).
-FIELD_CHOICES: dict[str, tuple] = {
-    "bits": BITS_CHOICES,
-    "scale_bits": SCALE_BITS_CHOICES,
-    "scale2_dtype": SCALE2_DTYPE_CHOICES,
-    "block": BLOCK_CHOICES,
-    "block2": BLOCK2_CHOICES,
-}
-FIELD_NAMES: tuple[str, ...] = tuple(FIELD_CHOICES)
-
-TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_BITS: dict[str, int] = {"bf16": 16, "fp16": 16, "fp32": 32}
+__all__ = [
+    "BITS_CHOICES",
+    "BLOCK2_CHOICES",
+    "BLOCK_CHOICES",
+    "DTYPE_BITS",
+    "FIELD_CHOICES",
+    "FIELD_NAMES",
+    "FIELD_SIZES",
+    "NF4_DOUBLE_QUANT",
+    "OPTION_SPACE",
+    "SCALE2_DTYPE_CHOICES",
+    "SCALE_BITS_CHOICES",
+    "TORCH_DTYPES",
+    "QuantOption",
+]
 
 
 @dataclass(frozen=True, order=True)
@@ -54,12 +64,9 @@ class QuantOption:
 
     @property
     def storage_bits(self) -> float:
-        """Bits per weight: codes + first-level scales + second-level scales (SPEC §2.2)."""
-        return (
-            self.bits
-            + self.scale_bits / self.block
-            + DTYPE_BITS[self.scale2_dtype] / (self.block * self.block2)
-        )
+        """Bits per weight: codes + first-level scales + second-level scales (SPEC §2.2), from the family
+        schema's one formula (:func:`~coalora.quant.families.blocked_schema.storage_cost`)."""
+        return option_bits(self)
 
     @cached_property
     def indices(self) -> tuple[int, int, int, int, int]:
@@ -106,7 +113,5 @@ OPTION_SPACE: tuple[QuantOption, ...] = tuple(
 )
 #: QLoRA's NF4 with double quantization: 4.126953125 bits per weight.
 NF4_DOUBLE_QUANT = QuantOption(4, 8, "fp32", 64, 256)
-#: Number of values each field can take, in FIELD_NAMES order (the search normalises indices by these).
-FIELD_SIZES: tuple[int, ...] = tuple(len(c) for c in FIELD_CHOICES.values())
 
 assert [f.name for f in fields(QuantOption)] == list(FIELD_NAMES)

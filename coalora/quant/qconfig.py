@@ -16,14 +16,8 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.pretrained import resolve_model_path
-from coalora.quant.options import (
-    DTYPE_BITS,
-    FIELD_CHOICES,
-    FIELD_NAMES,
-    FIELD_SIZES,
-    OPTION_SPACE,
-    QuantOption,
-)
+from coalora.quant.families import CodeFamily, get_family
+from coalora.quant.options import OPTION_SPACE, QuantOption
 from coalora.quant.targets import TargetMatrix
 from coalora.utils import write_text_atomic
 
@@ -109,15 +103,25 @@ def _same_model(a: str, b: str) -> bool:
 class ConfigSpace:
     """All configurations of one backbone: cost, validation and the (N, 5) integer encoding."""
 
-    def __init__(self, targets: Iterable[TargetMatrix], model: str = "") -> None:
+    def __init__(self, targets: Iterable[TargetMatrix], model: str = "", family: str = "nf") -> None:
+        """``family``: the code family whose option schema, encoding and cost the configurations use."""
         self.targets = list(targets)
         self.model = model
+        self.family_name = family
+        self.family  # noqa: B018  (an unknown family fails here, in one line)
         self.names = [t.name for t in self.targets]
         self._index = {name: i for i, name in enumerate(self.names)}
         self.numel = torch.tensor([t.numel for t in self.targets], dtype=torch.float64)
         self.total_numel = int(self.numel.sum())
-        #: storage bits of every option, in OPTION_SPACE order
-        self.option_bits = torch.tensor([o.storage_bits for o in OPTION_SPACE], dtype=torch.float64)
+        #: storage bits of every option, in the family's option-space order
+        self.option_bits = torch.tensor(
+            [self.family.bits_per_weight(o) for o in self.family.option_space], dtype=torch.float64
+        )
+
+    @property
+    def family(self) -> CodeFamily:
+        """The code family object (looked up by name, so a pickled space holds only the name)."""
+        return get_family(getattr(self, "family_name", "nf"))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -125,7 +129,7 @@ class ConfigSpace:
     @property
     def dim(self) -> int:
         """Length of the flat encoding: 5 option indices per matrix."""
-        return len(self) * len(FIELD_NAMES)
+        return len(self) * len(self.family.field_names)
 
     # -- construction -------------------------------------------------------------------------------
     def make(self, options: Iterable[QuantOption]) -> QConfig:
@@ -138,8 +142,9 @@ class ConfigSpace:
         return self.make([option] * len(self))
 
     def random(self, generator: torch.Generator | None = None) -> QConfig:
-        picks = torch.randint(len(OPTION_SPACE), (len(self),), generator=generator)
-        return self.make(OPTION_SPACE[int(i)] for i in picks)
+        space = self.family.option_space
+        picks = torch.randint(len(space), (len(self),), generator=generator)
+        return self.make(space[int(i)] for i in picks)
 
     def random_near(self, bits: float, generator: torch.Generator | None = None) -> QConfig:
         """A random configuration whose avg_bits is close to ``bits``.
@@ -147,27 +152,29 @@ class ConfigSpace:
         Each matrix takes one of the two code widths around ``bits`` (e.g. 4 or 8 for 6.0) with the
         probability that makes the expected width ``bits``; its other four fields are uniform.
         """
-        widths = sorted(FIELD_CHOICES["bits"])
+        family = self.family
+        widths = sorted(family.field_choices["bits"])
         lower = max([w for w in widths if w <= bits], default=widths[0])
         upper = min([w for w in widths if w >= bits], default=widths[-1])
         p_upper = 0.0 if upper == lower else (bits - lower) / (upper - lower)
         pick_upper = torch.rand(len(self), generator=generator) < p_upper
         options = []
         for use_upper in pick_upper.tolist():
-            rest = [int(torch.randint(size, (1,), generator=generator)) for size in FIELD_SIZES[1:]]
-            width_index = FIELD_CHOICES["bits"].index(upper if use_upper else lower)
-            options.append(QuantOption.from_indices([width_index, *rest]))
+            rest = [int(torch.randint(size, (1,), generator=generator)) for size in family.field_sizes[1:]]
+            width_index = family.field_choices["bits"].index(upper if use_upper else lower)
+            options.append(family.decode([width_index, *rest]))
         return self.make(options)
 
     # -- cost -----------------------------------------------------------------------------------------
     def avg_bits(self, config: QConfig) -> float:
         """Parameter-weighted mean storage bits over the target matrices (SPEC §2.2)."""
-        bits = torch.tensor([config.matrices[n].storage_bits for n in self.names], dtype=torch.float64)
+        bits_of = self.family.bits_per_weight
+        bits = torch.tensor([bits_of(config.matrices[n]) for n in self.names], dtype=torch.float64)
         return float((bits * self.numel).sum() / self.numel.sum())
 
     def avg_bits_encoded(self, encoded: torch.Tensor) -> torch.Tensor:
         """avg_bits of a batch of encodings (..., N, 5) of integer option indices."""
-        bits = _storage_bits_from_indices(encoded.long())
+        bits = self.family.bits_from_indices(encoded.long())
         return (bits * self.numel.to(bits)).sum(-1) / self.total_numel
 
     # -- validation ------------------------------------------------------------------------------------
@@ -209,27 +216,23 @@ class ConfigSpace:
     # -- encoding for the search -------------------------------------------------------------------------
     def encode(self, config: QConfig) -> torch.Tensor:
         """(N, 5) long tensor of option-field indices."""
-        return torch.tensor([config.matrices[n].indices for n in self.names], dtype=torch.long)
+        encode = self.family.encode
+        return torch.tensor([encode(config.matrices[n]) for n in self.names], dtype=torch.long)
 
     def decode(self, encoded: torch.Tensor) -> QConfig:
-        rows = encoded.reshape(len(self), len(FIELD_NAMES)).tolist()
-        return self.make(QuantOption.from_indices(row) for row in rows)
+        rows = encoded.reshape(len(self), len(self.family.field_names)).tolist()
+        return self.make(self.family.decode(row) for row in rows)
 
     def normalise(self, encoded: torch.Tensor) -> torch.Tensor:
         """Map indices to [0, 1] by the known field sizes (never by data min/max: no zero division)."""
-        sizes = torch.tensor(FIELD_SIZES, dtype=torch.float64)
-        flat = encoded.to(torch.float64).reshape(*encoded.shape[:-2], len(self), len(FIELD_NAMES))
+        sizes = torch.tensor(self.family.field_sizes, dtype=torch.float64)
+        flat = encoded.to(torch.float64).reshape(*encoded.shape[:-2], len(self), len(sizes))
         return (flat / (sizes - 1)).reshape(*encoded.shape[:-2], self.dim)
 
 
 def _storage_bits_from_indices(indices: torch.Tensor) -> torch.Tensor:
-    """Vectorised QuantOption.storage_bits for (..., 5) field indices."""
-    tables = [
-        torch.tensor([float(DTYPE_BITS.get(v, v)) for v in FIELD_CHOICES[n]], dtype=torch.float64)
-        for n in FIELD_NAMES
-    ]
-    b, b1, w, block, block2 = (tables[i][indices[..., i]] for i in range(len(FIELD_NAMES)))
-    return b + b1 / block + w / (block * block2)
+    """Vectorised QuantOption.storage_bits for (..., 5) field indices (the ``nf``/``int`` schema's)."""
+    return get_family("nf").bits_from_indices(indices)
 
 
 def option_index(option: QuantOption) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 from coalora.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Bound, check_values
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import budget_range, check_budget
-from coalora.quant.codebooks import CODE_FAMILIES
 from coalora.quant.error_weighting import check_error_weighting
+from coalora.quant.families import family_names
 from coalora.quant.rounding import ROUNDINGS
 from coalora.tasks.methods import method_spec
 
@@ -49,9 +49,10 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
     """Raise a one-line :class:`CoaloraError` for the first argument that is out of range or conflicts."""
     check_values(arguments, TASK_BOUNDS, prefix="model.")
     method = method_spec(arguments.get("method", "coalora"))
-    if arguments.get("code_family", "nf") not in CODE_FAMILIES:
+    families = family_names()  # the built-in ones and any registered before the run
+    if arguments.get("code_family", "nf") not in families:
         raise CoaloraError(
-            f"model.code_family must be one of {', '.join(CODE_FAMILIES)}, got {arguments['code_family']!r}; "
+            f"model.code_family must be one of {', '.join(families)}, got {arguments['code_family']!r}; "
             "pass one of those"
         )
     rounding = arguments.get("rounding", "nearest")
