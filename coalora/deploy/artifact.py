@@ -10,7 +10,6 @@ import torch
 from coalora import __version__
 from coalora.deploy.layout import (
     FORMAT,
-    PACKED_FIELDS,
     Artifact,
     Resolution,
     full_precision_state,
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 
 def _cpu(packed: PackedTensor) -> PackedTensor:
     """The artifact lives on the CPU, whatever device the module is on."""
-    parts = {part: getattr(packed, part).cpu() for part in PACKED_FIELDS}
+    parts = {part: tensor.cpu() for part, tensor in packed.parts().items()}
     return PackedTensor(shape=packed.shape, option=packed.option, family=packed.family, **parts)
 
 

@@ -18,7 +18,6 @@ from coalora.deploy.layout import (
     FORMAT,
     FULL_PRECISION_FILE,
     METADATA_FILE,
-    PACKED_FIELDS,
     QCONFIG_FILE,
     QUANTIZED_FILE,
     Artifact,
@@ -111,9 +110,9 @@ def write_artifact(artifact: Artifact, out: str | os.PathLike, tokenizer: Any) -
     with staged_dir(out) as tmp:
         if artifact.packed:
             tensors = {
-                f"{name}.{part}": getattr(packed, part).contiguous()
+                f"{name}.{part}": tensor.contiguous()
                 for name, packed in artifact.packed.items()
-                for part in PACKED_FIELDS
+                for part, tensor in packed.parts().items()
             }
             save_file(tensors, tmp / QUANTIZED_FILE, metadata={"format": FORMAT})
         adapter = {

@@ -2,8 +2,9 @@
 
 An artifact is a folder that needs neither the checkpoint nor the network to run:
 
-- ``quantized.safetensors``: per target matrix ``<name>.codes``, ``.scale_codes`` (bit-packed uint8),
-  ``.scale2`` (in the option's dtype) and ``.offset`` (fp32), exactly what :func:`quantize` packs;
+- ``quantized.safetensors``: per target matrix one ``<name>.<part>`` per part of the code family's part
+  schema, exactly what :func:`quantize` packs: for ``nf`` and ``int`` ``.codes``, ``.scale_codes``
+  (bit-packed uint8), ``.scale2`` (in the option's dtype) and ``.offset`` (fp32);
 - ``adapter.safetensors``: per target ``<name>.lora_A`` (r×in) and ``<name>.lora_B`` = B·M, the mapper's
   adjustment folded in, so the adapter is a plain LoRA for this one configuration;
 - ``full_precision.safetensors``: every other parameter (embeddings, LayerNorms, biases, the task head);
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from coalora.quant.families.blocked_schema import PART_NAMES as BLOCKED_PART_NAMES
 from coalora.quant.qconfig import QConfig
 from coalora.quant.quantizer import PackedTensor
 
@@ -39,7 +41,9 @@ ADAPTER_FILE = "adapter.safetensors"
 
 FULL_PRECISION_FILE = "full_precision.safetensors"
 
-PACKED_FIELDS = ("codes", "scale_codes", "scale2", "offset")
+#: the packed parts of the built-in families (``nf``, ``int``), kept for importers; the writer, reader and
+#: packed layer take the names from the family's part schema (``get_family(name).part_schema``)
+PACKED_FIELDS = BLOCKED_PART_NAMES
 
 REEXPORT = "re-export it with `coalora adapt`"
 

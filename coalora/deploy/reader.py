@@ -15,14 +15,13 @@ from coalora.deploy.layout import (
     FORMAT,
     FULL_PRECISION_FILE,
     METADATA_FILE,
-    PACKED_FIELDS,
     QCONFIG_FILE,
     QUANTIZED_FILE,
     REEXPORT,
     Artifact,
 )
-from coalora.deploy.sizes import packed_layout
 from coalora.errors import CoaloraError
+from coalora.quant.families import get_family
 from coalora.quant.options import QuantOption
 from coalora.quant.qconfig import QConfig
 from coalora.quant.quantizer import PackedTensor
@@ -102,12 +101,20 @@ def _take(tensors: dict[str, torch.Tensor], key: str, folder: Path, file: str) -
 def _packed_from(
     tensors: dict, name: str, shape: tuple[int, int], option: QuantOption, family: str, folder: Path
 ) -> PackedTensor:
-    parts = {part: _take(tensors, f"{name}.{part}", folder, QUANTIZED_FILE) for part in PACKED_FIELDS}
-    for part, (dtype, count) in packed_layout(option, shape[0] * shape[1]).items():
+    try:
+        schema = get_family(family).part_schema(option, shape[0] * shape[1])
+    except CoaloraError as err:  # a family registered where the artifact was written, but not here
+        raise CoaloraError(
+            f"artifact '{folder}' needs an {first_line(err)} (register it with "
+            "coalora.quant.families.register_family before loading)"
+        ) from None
+    parts = {part: _take(tensors, f"{name}.{part}", folder, QUANTIZED_FILE) for part in schema}
+    for part, spec in schema.items():
         tensor = parts[part]
-        if tensor.dtype != dtype or tensor.numel() != count:
+        if tensor.dtype != spec.dtype or tensor.numel() != spec.count:
             raise _corrupt(
-                folder, f"'{name}.{part}' is {tensor.dtype} x {tensor.numel()}, not {dtype} x {count}"
+                folder,
+                f"'{name}.{part}' is {tensor.dtype} x {tensor.numel()}, not {spec.dtype} x {spec.count}",
             )
     return PackedTensor(shape=shape, option=option, family=family, **parts)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from coalora.errors import CoaloraError
 from coalora.nn.lora import LAYER_BACKENDS, LoRALinear
+from coalora.quant.families import get_family
 from coalora.quant.options import QuantOption
 from coalora.quant.quantizer import PackedTensor, quantize
 
@@ -48,11 +49,6 @@ def _workspace(numel: int) -> torch.Tensor | None:
     if buffer is None or buffer.numel() < numel:
         buffer = _WORKSPACE.buffer = torch.empty(numel, dtype=torch.float32)
     return buffer
-
-
-#: buffers whose dtype is part of the quantized format: a model-wide ``.to(dtype)``/``.half()`` must not
-#: cast them (bf16 second-level scales rounded to fp16 would change every dequantized weight)
-_EXACT_DTYPE = ("scale2", "offset")
 
 
 class PackedLoRALinear(LoRALinear):
@@ -133,8 +129,8 @@ class PackedLoRALinear(LoRALinear):
                 f"{self.out_features}x{self.in_features} weight"
             )
         self.option, self.family = packed.option, packed.family
-        for name in ("codes", "scale_codes", "scale2", "offset"):
-            self.register_buffer(name, getattr(packed, name))
+        for name, tensor in packed.parts().items():  # the family's part schema names the buffers
+            self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)  # type: ignore[assignment]
         self.rank = int(lora_A.shape[0])
         self.scaling = scaling
@@ -149,15 +145,17 @@ class PackedLoRALinear(LoRALinear):
 
     def packed(self) -> PackedTensor:
         """The held parts as a :class:`PackedTensor` (a view: nothing is copied)."""
+        parts = {name: getattr(self, name) for name in get_family(self.family).part_names}
         return PackedTensor(
-            shape=(self.out_features, self.in_features),
-            option=self.option,
-            family=self.family,
-            codes=self.codes,
-            scale_codes=self.scale_codes,
-            scale2=self.scale2,
-            offset=self.offset,
+            shape=(self.out_features, self.in_features), option=self.option, family=self.family, **parts
         )
+
+    def _exact_dtype_parts(self) -> tuple[str, ...]:
+        """Buffers a dtype cast must leave alone: the ``exact_dtype`` parts of the family's schema, whose
+        dtype is part of the format (bf16 second-level scales rounded to fp16 by a model-wide ``.half()``
+        would change every dequantized weight)."""
+        schema = get_family(self.family).part_schema(self.option, self.out_features * self.in_features)
+        return tuple(name for name, part in schema.items() if part.exact_dtype)
 
     def base_weight(self) -> torch.Tensor:
         """The active dequantized weight if training set one, else a transient dequantization of the
@@ -194,7 +192,7 @@ class PackedLoRALinear(LoRALinear):
         They travel as raw bytes (uint8 is never cast by ``.to(dtype)``, ``.half()`` or ``.float()``)
         and are viewed back in their own dtype afterwards.
         """
-        kept = {name: getattr(self, name) for name in _EXACT_DTYPE}
+        kept = {name: getattr(self, name) for name in self._exact_dtype_parts()}
         for name, tensor in kept.items():
             self._buffers[name] = tensor.reshape(-1).contiguous().view(torch.uint8)
         try:

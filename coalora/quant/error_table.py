@@ -19,8 +19,9 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.codebooks import codebook
+from coalora.quant.families import get_family
 from coalora.quant.options import OPTION_SPACE, QuantOption
-from coalora.quant.quantizer import double_quantize_scales
+from coalora.quant.scales import double_quantize_scales, pad_to
 from coalora.quant.targets import weights_fingerprint
 from coalora.utils import default_cache_dir, intra_op_threads, save_atomic
 
@@ -35,7 +36,19 @@ def error_table(
     family: str = "nf",
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(N matrices, K options) float64 table of (Fisher- or activation-weighted) squared quantization errors.
+    """(N matrices, K options) float64 table of (Fisher- or activation-weighted) squared quantization errors,
+    computed by the named code family's kernel (:meth:`~coalora.quant.families.CodeFamily.error_table`)."""
+    return get_family(family).error_table(weights, options, fisher, hessians)
+
+
+def blocked_error_table(
+    weights: dict[str, torch.Tensor],
+    options: Sequence[QuantOption],
+    family: str,
+    fisher: dict[str, torch.Tensor] | None = None,
+    hessians: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`error_table` of the blocked codebook families (``family`` names the codebook).
 
     Rows follow ``weights``' order. Equal (to float32 rounding) to summing ``F * (W - fake_quantize(W))**2``
     but ~4x faster: options that differ only in ``bits`` share their dequantized scales and their position
@@ -150,9 +163,8 @@ class _Blocked:
 
     @staticmethod
     def of(weight: torch.Tensor, fisher: torch.Tensor | None, block: int) -> _Blocked:
-        def cut(t: torch.Tensor) -> torch.Tensor:
-            flat = t.detach().reshape(-1).to(torch.float32)
-            return torch.nn.functional.pad(flat, (0, (-flat.numel()) % block)).view(-1, block)
+        def cut(t: torch.Tensor) -> torch.Tensor:  # as the quantizer blocks a weight (scales.pad_to)
+            return pad_to(t.detach().reshape(-1).to(torch.float32), block).view(-1, block)
 
         blocks = cut(weight)
         fblocks = None if fisher is None else cut(fisher)

@@ -48,8 +48,9 @@ from coalora.quant.codebooks import (
     unpack_codes,
     uses_numpy,
 )
+from coalora.quant.families import get_family
 from coalora.quant.options import QuantOption
-from coalora.quant.scales import double_quantize_scales, pad_to, row_max
+from coalora.quant.scales import RowScaler, double_quantize_scales, pad_to, row_max
 
 #: Weights per chunk on CPU: a chunk's scratch buffers (~16 bytes a weight) stay in cache, and per-op
 #: dispatch (a few microseconds) stays a small share. Other devices take a whole matrix at once.
@@ -190,8 +191,9 @@ def _fused(
     weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None, dense: bool
 ) -> tuple[PackedTensor, torch.Tensor | None] | None:
     """The packed form (and the dequantized weight if ``dense``) from the compiled pass; None where it
-    does not run (then the numpy path does)."""
-    kernel = _kernel(weight)
+    does not run (then the numpy path does). The build check (:func:`_agrees`) covers the built-in
+    codebooks only, so a registered family's codebook takes the numpy path."""
+    kernel = _kernel(weight) if family in CODE_FAMILIES else None
     parts = None if kernel is None else kernel.quantize(_flat32(weight), absmax, option, family, dense)
     if parts is None:
         return None
@@ -206,7 +208,15 @@ def fake_quantize(
     """The dequantized weight under ``option``: what a deployed model computes with.
 
     Returns a float32 tensor of ``weight``'s shape on its device. ``absmax``: :func:`block_absmax`.
+    Dispatched through the named code family (:func:`~coalora.quant.families.get_family`).
     """
+    return get_family(family).fake_quantize(weight, option, absmax)
+
+
+def blocked_fake_quantize(
+    weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`fake_quantize` of the blocked codebook families (``family`` names the codebook)."""
     fast = _fused(weight, option, family, absmax, dense=True)
     if fast is None or fast[1] is None:
         return _numpy_fake_quantize(weight, option, family, absmax)
@@ -219,26 +229,11 @@ def _numpy_fake_quantize(
     blocked = BlockedWeight.of(weight, option, absmax)
     lookup = NearestLookup.build(option.bits, family, weight.device)
     out = torch.empty(blocked.blocks.shape, dtype=torch.float32, device=weight.device)
-    scale = _Scaler(out, blocked.scales)
+    scale = RowScaler(out, blocked.scales)
     for start, stop, work in blocked.normalised():
         lookup.levels_into(out[start:stop].numel(), out[start:stop].view(-1), work.search)
         scale(start, stop)
     return out.view(-1)[: weight.numel()].view(weight.shape)
-
-
-class _Scaler:
-    """Multiplies rows ``start:stop`` of (n_blocks, block) ``values`` by their scales, in place."""
-
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
-        self.values, self.scales = values, scales.unsqueeze(1)
-        self.arrays = (values.numpy(), scales.numpy()[:, None]) if uses_numpy(values.device) else None
-
-    def __call__(self, start: int, stop: int) -> None:
-        if self.arrays is None:
-            self.values[start:stop].mul_(self.scales[start:stop])
-        else:
-            rows, scales = self.arrays[0][start:stop], self.arrays[1][start:stop]
-            numpy.multiply(rows, scales, out=rows)
 
 
 @dataclass
@@ -264,11 +259,13 @@ class PackedTensor:
     def n_blocks(self) -> int:
         return -(-self.numel // self.option.block)
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by part name, in the family's part-schema order (what artifacts hold)."""
+        return {name: getattr(self, name) for name in get_family(self.family).part_names}
+
     @property
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for t in (self.codes, self.scale_codes, self.scale2, self.offset)
-        )
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
 
     @property
     def padded_numel(self) -> int:
@@ -290,32 +287,45 @@ class PackedTensor:
         elements to write into (the result is then a view of it): serving reuses one buffer for every
         layer instead of allocating a fresh weight per call, which the CPU allocator keeps resident.
         """
-        option, device = self.option, self.codes.device
-        block, bits, n_blocks = option.block, option.bits, self.n_blocks
-        levels = NearestLookup.build(bits, self.family, device).levels
-        if out is None:
-            out = torch.empty(n_blocks, block, dtype=torch.float32, device=device)
-        else:
-            wrong = out.dtype != torch.float32 or out.device != device or not out.is_contiguous()
-            if wrong or out.numel() < self.padded_numel:
-                raise ValueError(f"dequantize needs float32 space for {self.padded_numel} values on {device}")
-            out = out.reshape(-1)[: self.padded_numel].view(n_blocks, block)
-        scale = _Scaler(out, self.scales())
-        packed = self.codes.numpy() if uses_numpy(device) else self.codes
-        for start, stop, work in _chunks(n_blocks, block, device):
-            n, span = (stop - start) * block, slice(start * block * bits // 8, stop * block * bits // 8)
-            codes, index, scratch = work.packing(n)
-            unpack_codes(packed[span], bits, codes, scratch)
-            index[...] = codes
-            torch.index_select(levels, 0, work.search.index[:n], out=out[start:stop].view(-1))
-            scale(start, stop)
-        return out.view(-1)[: self.numel].view(self.shape)
+        return get_family(self.family).dequantize(self, out)
+
+
+def blocked_dequantize(packed: PackedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:meth:`PackedTensor.dequantize` of the blocked codebook families: codes to levels, times scales."""
+    option, device = packed.option, packed.codes.device
+    block, bits, n_blocks = option.block, option.bits, packed.n_blocks
+    levels = NearestLookup.build(bits, packed.family, device).levels
+    if out is None:
+        out = torch.empty(n_blocks, block, dtype=torch.float32, device=device)
+    else:
+        wrong = out.dtype != torch.float32 or out.device != device or not out.is_contiguous()
+        if wrong or out.numel() < packed.padded_numel:
+            raise ValueError(f"dequantize needs float32 space for {packed.padded_numel} values on {device}")
+        out = out.reshape(-1)[: packed.padded_numel].view(n_blocks, block)
+    scale = RowScaler(out, packed.scales())
+    stream = packed.codes.numpy() if uses_numpy(device) else packed.codes
+    for start, stop, work in _chunks(n_blocks, block, device):
+        n, span = (stop - start) * block, slice(start * block * bits // 8, stop * block * bits // 8)
+        codes, index, scratch = work.packing(n)
+        unpack_codes(stream[span], bits, codes, scratch)
+        index[...] = codes
+        torch.index_select(levels, 0, work.search.index[:n], out=out[start:stop].view(-1))
+        scale(start, stop)
+    return out.view(-1)[: packed.numel].view(packed.shape)
 
 
 def quantize(
     weight: torch.Tensor, option: QuantOption, family: str = "nf", absmax: torch.Tensor | None = None
 ) -> PackedTensor:
-    """Quantize ``weight`` into its packed, deployable form (``absmax``: :func:`block_absmax`)."""
+    """Quantize ``weight`` into its packed, deployable form (``absmax``: :func:`block_absmax`), through
+    the named code family."""
+    return get_family(family).quantize(weight, option, absmax)
+
+
+def blocked_quantize(
+    weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None = None
+) -> PackedTensor:
+    """:func:`quantize` of the blocked codebook families (``family`` names the codebook)."""
     fast = _fused(weight, option, family, absmax, dense=False)
     return _numpy_quantize(weight, option, family, absmax) if fast is None else fast[0]
 
@@ -323,8 +333,15 @@ def quantize(
 def quantize_both(
     weight: torch.Tensor, option: QuantOption, family: str = "nf", absmax: torch.Tensor | None = None
 ) -> tuple[PackedTensor, torch.Tensor]:
-    """:func:`quantize` and :func:`fake_quantize` of ``weight`` from one pass: the compiled one writes
-    codes and values together; elsewhere the packed form is dequantized (bit for bit the same)."""
+    """:func:`quantize` and :func:`fake_quantize` of ``weight`` from one pass, through the named family."""
+    return get_family(family).quantize_both(weight, option, absmax)
+
+
+def blocked_quantize_both(
+    weight: torch.Tensor, option: QuantOption, family: str, absmax: torch.Tensor | None = None
+) -> tuple[PackedTensor, torch.Tensor]:
+    """:func:`quantize_both` of the blocked codebook families: the compiled pass writes codes and values
+    together; elsewhere the packed form is dequantized (bit for bit the same)."""
     fast = _fused(weight, option, family, absmax, dense=True)
     if fast is not None and fast[1] is not None:
         return fast[0], fast[1]

@@ -65,3 +65,19 @@ def row_max(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     for start in range(0, len(rows), step):
         torch.amax(rows[start : start + step], dim=1, out=out[start : start + step])
     return out
+
+
+class RowScaler:
+    """Multiplies rows ``start:stop`` of (n_blocks, block) ``values`` by their scales, in place: the last
+    step of both dequantizations (the quantizer's dense pass and a packed tensor's)."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor) -> None:
+        self.values, self.scales = values, scales.unsqueeze(1)
+        self.arrays = (values.numpy(), scales.numpy()[:, None]) if uses_numpy(values.device) else None
+
+    def __call__(self, start: int, stop: int) -> None:
+        if self.arrays is None:
+            self.values[start:stop].mul_(self.scales[start:stop])
+        else:
+            rows, scales = self.arrays[0][start:stop], self.arrays[1][start:stop]
+            numpy.multiply(rows, scales, out=rows)

@@ -119,20 +119,20 @@ class BlockedCodebookFamily:
     def quantize(
         self, weight: torch.Tensor, option: QuantOption, absmax: torch.Tensor | None = None
     ) -> PackedTensor:
-        return quantizer.quantize(weight, option, self.name, absmax)
+        return quantizer.blocked_quantize(weight, option, self.name, absmax)
 
     def fake_quantize(
         self, weight: torch.Tensor, option: QuantOption, absmax: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return quantizer.fake_quantize(weight, option, self.name, absmax)
+        return quantizer.blocked_fake_quantize(weight, option, self.name, absmax)
 
     def quantize_both(
         self, weight: torch.Tensor, option: QuantOption, absmax: torch.Tensor | None = None
     ) -> tuple[PackedTensor, torch.Tensor]:
-        return quantizer.quantize_both(weight, option, self.name, absmax)
+        return quantizer.blocked_quantize_both(weight, option, self.name, absmax)
 
     def dequantize(self, packed: PackedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return packed.dequantize(out)
+        return quantizer.blocked_dequantize(packed, out)
 
     def error_table(
         self,
@@ -141,7 +141,7 @@ class BlockedCodebookFamily:
         fisher: dict[str, torch.Tensor] | None = None,
         hessians: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return error_table.error_table(weights, options, fisher, self.name, hessians)
+        return error_table.blocked_error_table(weights, options, self.name, fisher, hessians)
 
 
 NF = BlockedCodebookFamily("nf", normal_float_levels, "NormalFloat: normal quantiles (QLoRA's NF4 at 4 bits)")
