@@ -1,5 +1,5 @@
-"""Quantization, without Lightning: the code families and their registry (``families``: ``nf`` and ``int``
-are registered by importing this package), the option space (``options``), the codebook search
+"""Quantization, without Lightning: the code families and their registry (``families``: ``nf`` and ``int``,
+and ``gguf``, are registered by importing this package), the option space (``options``), the codebook search
 (``codebooks``), the double quantizer and its packed form (``quantizer``), configurations and their files
 (``qconfig``), the target matrices of a model (``targets``), error tables (``error_table``), the knapsack
 solver (``knapsack``), allocation of configurations to bit budgets (``allocate``), the empirical Fisher
@@ -9,4 +9,5 @@ language-model head); the one exception, imported where used, is ``error_weighti
 which wraps a plain backbone in :class:`coalora.nn.model.CoALoRAModel` for the calibration pass
 (``calibration``)."""
 
-from coalora.quant.families import blocked_codebook  # noqa: F401  (registers the built-in families)
+# imported to register the families: the built-in nf and int, then llama.cpp's block types as "gguf"
+from coalora.quant.families import blocked_codebook, gguf_family  # noqa: F401
