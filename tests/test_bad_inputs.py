@@ -167,6 +167,7 @@ FIT_CASES = [
     (["--model.mapper_lr", "1e-3", "--model.use_mapper", "false"], "has no mapper here"),
     (["--model.mapper_hidden", "0"], "model.mapper_hidden"),
     (["--model.code_family", "float"], "code_family"),
+    (["--model.code_family", "gguf"], "runs cannot train with it yet"),
     (["--model.quant_cache_gb", "-1"], "quant_cache_gb"),
     (["--model.method", "magic"], "model.method must be one of"),
     (["--trainer.max_epochs", "0"], "nothing would train"),

@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="texts for the activation statistics (default 128)",
     )
     parser.add_argument(
-        "--codes", choices=family_names(), default="nf", help="code family: NormalFloat or int"
+        "--codes", choices=family_names(trainable=True), default="nf", help="code family: NormalFloat or int"
     )
     parser.add_argument("--cache-dir", default=None, help="error-table cache (default: $COALORA_CACHE)")
 

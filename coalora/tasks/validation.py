@@ -49,10 +49,12 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
     """Raise a one-line :class:`CoaloraError` for the first argument that is out of range or conflicts."""
     check_values(arguments, TASK_BOUNDS, prefix="model.")
     method = method_spec(arguments.get("method", "coalora"))
-    families = family_names()  # the built-in ones and any registered before the run
-    if arguments.get("code_family", "nf") not in families:
+    families = family_names(trainable=True)  # the built-in ones and any registered before the run
+    family = arguments.get("code_family", "nf")
+    if family not in families:
+        known = "" if family not in family_names() else " (it quantizes, but runs cannot train with it yet)"
         raise CoaloraError(
-            f"model.code_family must be one of {', '.join(families)}, got {arguments['code_family']!r}; "
+            f"model.code_family must be one of {', '.join(families)}, got {family!r}{known}; "
             "pass one of those"
         )
     rounding = arguments.get("rounding", "nearest")

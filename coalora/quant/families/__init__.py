@@ -51,6 +51,9 @@ class CodeFamily(Protocol):
     field_choices: dict[str, tuple]
     #: names of the packed parts, in the order artifacts store them
     part_names: tuple[str, ...]
+    #: whether training, allocation and serving take it (ConfigSpace, the mapper, the search and the weight
+    #: cache know the blocked 5-field schema only; a family without it is quantize/dequantize/cost only)
+    trains: bool
 
     @property
     def field_names(self) -> tuple[str, ...]: ...
@@ -138,6 +141,7 @@ def get_family(name: str) -> CodeFamily:
     return family
 
 
-def family_names() -> tuple[str, ...]:
-    """Names of every registered family, the built-in ones first."""
-    return tuple(_REGISTRY)
+def family_names(trainable: bool = False) -> tuple[str, ...]:
+    """Names of every registered family, the built-in ones first (``trainable``: only those a run can
+    train, allocate and serve with)."""
+    return tuple(name for name, family in _REGISTRY.items() if family.trains or not trainable)

@@ -56,6 +56,7 @@ class BlockedCodebookFamily:
 
     field_choices: dict[str, tuple] = schema.FIELD_CHOICES
     part_names: tuple[str, ...] = schema.PART_NAMES
+    trains = True
 
     def __init__(self, name: str, levels: Callable[[int], Sequence[float]], description: str = "") -> None:
         self.name = name

@@ -124,6 +124,9 @@ class GGUFFamily:
     name = "gguf"
     field_choices: dict[str, tuple] = FIELD_CHOICES
     part_names: tuple[str, ...] = ("blocks",)
+    #: not yet: ConfigSpace, the mapper, the search and the weight cache take the blocked schema only
+    #: (issue #26 item 2's next step); ``coalora adapt --format gguf`` uses the types directly
+    trains = False
 
     def __repr__(self) -> str:
         return "GGUFFamily('gguf')"
