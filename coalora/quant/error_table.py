@@ -67,9 +67,9 @@ def blocked_error_table(
     if fisher is not None and hessians is not None:
         raise CoaloraError("weigh the error table by a Fisher or by input statistics, not both; pass one")
     if fisher is not None:
-        _check_fisher(weights, fisher)
+        check_fisher(weights, fisher)
     if hessians is not None:
-        _check_hessians(weights, hessians)
+        check_hessians(weights, hessians)
     threads = torch.get_num_threads()
     lookup = _BinLookup.build(family, tuple(sorted({o.bits for o in options})))
     groups: dict[tuple, list[int]] = {}  # options equal but for bits share their scales
@@ -241,11 +241,11 @@ def _quadratic_forms(rows: torch.Tensor, hessian: torch.Tensor, chunks: int = 4)
     return total
 
 
-def _check_fisher(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
+def check_fisher(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:
     _check_statistics(weights, fisher, "the Fisher", lambda w: tuple(w.shape))
 
 
-def _check_hessians(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
+def check_hessians(weights: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor]) -> None:
     _check_statistics(weights, hessians, "the input statistics", lambda w: (w.shape[-1], w.shape[-1]))
 
 

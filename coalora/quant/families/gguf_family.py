@@ -23,7 +23,7 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant import gguf_kernels
-from coalora.quant.error_table import _check_fisher, _check_hessians
+from coalora.quant.error_table import check_fisher, check_hessians
 from coalora.quant.families import PartSpec, register_family
 from coalora.quant.gguf_types import GGUF_TYPES, GGUFType, row_length_error
 
@@ -223,9 +223,9 @@ class GGUFFamily:
         if fisher is not None and hessians is not None:
             raise CoaloraError("weigh the error table by a Fisher or by input statistics, not both; pass one")
         if fisher is not None:
-            _check_fisher(weights, fisher)
+            check_fisher(weights, fisher)
         if hessians is not None:
-            _check_hessians(weights, hessians)
+            check_hessians(weights, hessians)
         chosen = [_option(o) for o in options]
         table = torch.full((len(weights), len(chosen)), torch.inf, dtype=torch.float64)
         with torch.no_grad():
