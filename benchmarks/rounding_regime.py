@@ -22,6 +22,8 @@ set against a bf16 row). Cells, chosen before any run:
 - ``coalora-search-gptq`` and ``shared-trainset-gptq`` (added before running): the shipped search under
   ``gptq``, and the frozen set with the mapper off under ``gptq`` (the exact mapper control of
   ``coalora-frozen-gptq``).
+- ``shared-trainset-gptq-distill`` (added before running): ``coalora-frozen-gptq-distill`` with the mapper
+  off, the recommended recipe's mapper control.
 
 Nothing is selected on dev: every run is evaluated from its ``last.ckpt``. Runs live in
 ``runs/rounding/s<seed>/<cell>/`` and are skipped once done (evaluations are reused only under the same
@@ -96,6 +98,13 @@ CELLS["coalora-search-gptq"] = (
 CELLS["shared-trainset-gptq"] = (
     "shared-trainset-gptq",
     [*CELLS["coalora-frozen-gptq"][1], "--model.use_mapper", "false"],
+    "gptq",
+)
+#: the recommended recipe's mapper control (added 2026-12-07, before running): distillation with the
+#: mapper off, so "CoA-LoRA + GPTQ + distillation" is set against the same training without the mapper
+CELLS["shared-trainset-gptq-distill"] = (
+    "shared-trainset-gptq-distill",
+    [*CELLS["shared-trainset-gptq"][1], "--model.distill_weight", "1.0"],
     "gptq",
 )
 #: cells trained for two epochs (the warm start's 100 + 100 steps, at equal steps)
