@@ -7,9 +7,10 @@ examples of the calibration permutation, never the search split. For each budget
 the 36 matrices change option (and bit width) against ``none`` and between fisher and activation, the
 bits per module type, and every allocation's error measured by every table (does allocating with a
 weighting lower the error that weighting measures, and what does it cost in the others). Each statistic
-and table is timed uncached (a fresh cache folder). No training: accuracy runs are scheduled separately.
+and table is timed uncached (a fresh cache folder). No training: ``--configs-dir`` writes every allocation
+as a qconfig file (``<weighting>_<budget>bits.json``), which ``weighting_accuracy.py`` evaluates.
 
-    python benchmarks/error_weighting.py [--threads 1]
+    python benchmarks/error_weighting.py [--threads 1] [--configs-dir docs/bench/weighting_configs]
 """
 
 from __future__ import annotations
@@ -71,14 +72,19 @@ def changed(space: Any, first: Any, second: Any, bits_only: bool = False) -> int
     return sum(first.matrices[n] != second.matrices[n] for n in space.names)
 
 
-def compare(space: Any, tables: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """Per budget: the allocations under each weighting, how they differ and what each table says of them."""
+def compare(space: Any, tables: dict[str, torch.Tensor], configs_dir: Path | None = None) -> dict[str, dict]:
+    """Per budget: the allocations under each weighting, how they differ and what each table says of them
+    (each allocation also written to ``configs_dir`` as a qconfig file when one is given)."""
     from coalora.quant.allocate import allocate, total_error
 
     types = list(dict.fromkeys(t.module_type for t in space.targets))
     result = {}
     for budget in BUDGETS:
         configs = {w: allocate(space, tables[w], budget) for w in WEIGHTINGS}
+        if configs_dir is not None:
+            configs_dir.mkdir(parents=True, exist_ok=True)
+            for weighting, config in configs.items():
+                space.save(config, configs_dir / f"{weighting}_{budget:g}bits.json")
 
         pairs = (("fisher", "none"), ("activation", "none"), ("fisher", "activation"))
         result[f"{budget:g}"] = {
@@ -128,6 +134,7 @@ def main() -> None:
     parser.add_argument(
         "--glue-dir", default=os.environ.get("GLUE_DIR", str(REPO.parent / "shared" / "data"))
     )
+    parser.add_argument("--configs-dir", type=Path, default=None, help="write each allocation as a qconfig")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["COALORA_CACHE"] = tempfile.mkdtemp(prefix="coalora-weighting-")  # every table uncached
@@ -156,7 +163,7 @@ def main() -> None:
             "machine": {"cpus": cpus, "threads": args.threads, "load_avg": os.getloadavg()},
             "notes": "the MiniLM checkpoint has no MLM head: its Fisher uses a freshly initialised one",
             "seconds": seconds,
-            "budgets": compare(task.model.space, tables),
+            "budgets": compare(task.model.space, tables, args.configs_dir),
         },
     )
 
