@@ -46,16 +46,29 @@ def test_registry_and_option_type():
         FAMILY.codebook(4)
 
 
-def test_gguf_quantizes_but_is_not_offered_for_training_yet():
-    """Until ConfigSpace, the mapper, the search and the cache take its schema, runs refuse it up front."""
+def test_gguf_is_offered_for_training_and_a_family_that_does_not_train_is_refused_up_front():
+    """gguf trains (issue #26 item 2); a registered family with ``trains = False`` is still refused."""
+    from coalora.quant.families import register_family, unregister_family
+    from coalora.quant.families.gguf_family import GGUFFamily
     from coalora.tasks.validation import check_task_arguments
 
-    assert "gguf" in family_names() and "gguf" not in family_names(trainable=True)
+    assert "gguf" in family_names(trainable=True)
     assert family_names(trainable=True)[:2] == ("nf", "int")
-    with pytest.raises(CoaloraError, match="cannot train with it yet") as e:
-        check_task_arguments({"code_family": "gguf"})
-    assert "\n" not in str(e.value)
+    check_task_arguments({"code_family": "gguf"})
     check_task_arguments({"code_family": "int"})
+
+    class Frozen(GGUFFamily):
+        name = "toy-frozen"
+        trains = False
+
+    register_family(Frozen())
+    try:
+        assert "toy-frozen" in family_names() and "toy-frozen" not in family_names(trainable=True)
+        with pytest.raises(CoaloraError, match="cannot train with it yet") as e:
+            check_task_arguments({"code_family": "toy-frozen"})
+        assert "\n" not in str(e.value)
+    finally:
+        unregister_family("toy-frozen")
 
 
 def test_issue_types_present_and_index_monotone_in_bits():

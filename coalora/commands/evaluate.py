@@ -187,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 metrics = evaluate_config(module, loader, config)
             bits = None if config is None else module.model.space.avg_bits(config)
-            results.append(EvalResult(run_name, method, label, kind, bits, config in seen, metrics, rounding))
+            family = module.model.space.family_name
+            results.append(
+                EvalResult(run_name, method, label, kind, bits, config in seen, metrics, rounding, family)
+            )
             print(f"  {run_name} {label}: {metrics} ({time.perf_counter() - start:.1f} s)", flush=True)
     assert task is not None  # argparse requires at least one --ckpt
     paths = write_outputs(results, task, out)

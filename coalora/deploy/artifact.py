@@ -18,6 +18,7 @@ from coalora.deploy.layout import (
 from coalora.deploy.sizes import part_sizes
 from coalora.errors import CoaloraError
 from coalora.nn.model import head_parameter_names
+from coalora.quant.families import get_family
 from coalora.quant.quantizer import PackedTensor
 from coalora.utils import intra_op_threads
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 def _cpu(packed: PackedTensor) -> PackedTensor:
     """The artifact lives on the CPU, whatever device the module is on."""
     parts = {part: tensor.cpu() for part, tensor in packed.parts().items()}
-    return PackedTensor(shape=packed.shape, option=packed.option, family=packed.family, **parts)
+    return get_family(packed.family).from_parts(packed.shape, packed.option, parts)
 
 
 class _Stopwatch:

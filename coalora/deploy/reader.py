@@ -98,6 +98,16 @@ def _take(tensors: dict[str, torch.Tensor], key: str, folder: Path, file: str) -
     return tensor
 
 
+def _check_family(family: str, folder: Path) -> None:
+    try:
+        get_family(family)
+    except CoaloraError as err:  # a family registered where the artifact was written, but not here
+        raise CoaloraError(
+            f"artifact '{folder}' needs an {first_line(err)} (register it with "
+            "coalora.quant.families.register_family before loading)"
+        ) from None
+
+
 def _packed_from(
     tensors: dict, name: str, shape: tuple[int, int], option: QuantOption, family: str, folder: Path
 ) -> PackedTensor:
@@ -108,6 +118,8 @@ def _packed_from(
             f"artifact '{folder}' needs an {first_line(err)} (register it with "
             "coalora.quant.families.register_family before loading)"
         ) from None
+    if not get_family(family).allowed(option, shape[1]):
+        raise _corrupt(folder, f"'{name}' has rows of {shape[1]} weights, which {option.short()} cannot code")
     parts = {part: _take(tensors, f"{name}.{part}", folder, QUANTIZED_FILE) for part in schema}
     for part, spec in schema.items():
         tensor = parts[part]
@@ -116,7 +128,7 @@ def _packed_from(
                 folder,
                 f"'{name}.{part}' is {tensor.dtype} x {tensor.numel()}, not {spec.dtype} x {spec.count}",
             )
-    return PackedTensor(shape=shape, option=option, family=family, **parts)
+    return get_family(family).from_parts(shape, option, parts)
 
 
 def read_artifact(folder: str | os.PathLike, verify: bool = True) -> Artifact:
@@ -139,7 +151,8 @@ def read_artifact(folder: str | os.PathLike, verify: bool = True) -> Artifact:
     qconfig = None
     packed: dict[str, PackedTensor] = {}
     if QCONFIG_FILE in metadata["files"]:  # absent only for full-precision (fp) artifacts
-        qconfig = QConfig.load(folder / QCONFIG_FILE)
+        _check_family(str(metadata["code_family"]), folder)
+        qconfig = QConfig.load(folder / QCONFIG_FILE, str(metadata["code_family"]))
         if list(qconfig.matrices) != list(targets):
             raise _corrupt(
                 folder, f"{QCONFIG_FILE} does not cover the artifact's {len(targets)} target matrices"

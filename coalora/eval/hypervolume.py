@@ -1,7 +1,7 @@
 """Hypervolume (SPEC §7) of (metric, avg_bits) points, metric maximised and bits minimised, with bits
-scaled to [0, 1] over the option space's range [2.0322, 8.625] and the reference point (metric 0, bits
-8.625). So a single configuration at 8.625 bits scores 0, and a metric of 1 at the cheapest possible bits
-would score 1.
+scaled to [0, 1] over the code family's option range ([2.0322, 8.625] for nf/int, [2.625, 8.5] for gguf)
+and the reference point (metric 0, the range's top). So a single configuration at the top scores 0, and a
+metric of 1 at the cheapest possible bits would score 1.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
+from coalora.quant.families import get_family
 from coalora.quant.options import OPTION_SPACE
 
 MIN_BITS = min(o.storage_bits for o in OPTION_SPACE)
@@ -17,11 +18,19 @@ MIN_BITS = min(o.storage_bits for o in OPTION_SPACE)
 MAX_BITS = max(o.storage_bits for o in OPTION_SPACE)
 
 
-def hypervolume(points: Iterable[tuple[float, float]]) -> float:
+def bits_range(family: str = "nf") -> tuple[float, float]:
+    """Cheapest and dearest bits per weight of the family's options."""
+    code = get_family(family)
+    bits = [code.bits_per_weight(o) for o in code.option_space]
+    return min(bits), max(bits)
+
+
+def hypervolume(points: Iterable[tuple[float, float]], family: str = "nf") -> float:
     """Dominated area of (metric, avg_bits) points; see the module docstring for the reference point."""
     from botorch.utils.multi_objective.hypervolume import Hypervolume
 
-    rows = [(metric, -(bits - MIN_BITS) / (MAX_BITS - MIN_BITS)) for metric, bits in points]
+    low, high = bits_range(family)
+    rows = [(metric, -(bits - low) / (high - low)) for metric, bits in points]
     if not rows:
         return 0.0
     return float(

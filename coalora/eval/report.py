@@ -62,7 +62,8 @@ def summarise(results: list[EvalResult], task: str) -> dict[str, dict]:
                 for r in mine
                 if r.kind in kinds and r.avg_bits is not None
             ]
-            summary[run][name] = round(hypervolume(points), 4) if points else None
+            family = mine[0].code_family
+            summary[run][name] = round(hypervolume(points, family), 4) if points else None
     return summary
 
 

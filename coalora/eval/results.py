@@ -22,6 +22,7 @@ class EvalResult:
     seen: bool
     metrics: dict[str, float] = field(default_factory=dict)
     rounding: str = "nearest"  # how the configuration's codes were chosen (nearest or gptq)
+    code_family: str = "nf"  # the run's code family (its bits range scales the hypervolume)
 
     def row(self) -> dict:
         data = asdict(self)

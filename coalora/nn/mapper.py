@@ -1,6 +1,7 @@
 """The configuration-aware network θ (SPEC §3): a configuration in, one r×r adjustment per matrix out.
 
-Input for matrix i: learned embeddings of its five option fields, its block index and its module type
+Input for matrix i: learned embeddings of its option fields (the code family's: five for ``nf``/``int``, one
+type index for ``gguf``), its block index and its module type
 (every module type has its own embedding), concatenated -> LayerNorm -> MLP -> r×r. All matrices of a
 configuration go through in one batched call. It returns the adjustment D = α·out, so M = I + D, with the
 last layer initialised near zero, so training starts from plain LoRA.
@@ -12,6 +13,8 @@ fp32 instead (see :class:`coalora.nn.lora.LoRALinear`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -20,14 +23,21 @@ from coalora.quant.options import FIELD_SIZES
 
 class ConfigMapper(nn.Module):
     def __init__(
-        self, rank: int, num_blocks: int, num_types: int, embed_dim: int = 8, hidden: int = 128
+        self,
+        rank: int,
+        num_blocks: int,
+        num_types: int,
+        embed_dim: int = 8,
+        hidden: int = 128,
+        field_sizes: Sequence[int] = FIELD_SIZES,
     ) -> None:
+        """``field_sizes``: choices per option field, the code family's (default: the blocked schema's)."""
         super().__init__()
         self.rank = rank
-        self.field_embeddings = nn.ModuleList(nn.Embedding(size, embed_dim) for size in FIELD_SIZES)
+        self.field_embeddings = nn.ModuleList(nn.Embedding(size, embed_dim) for size in field_sizes)
         self.block_embedding = nn.Embedding(num_blocks, embed_dim)
         self.type_embedding = nn.Embedding(num_types, embed_dim)
-        in_dim = embed_dim * (len(FIELD_SIZES) + 2)
+        in_dim = embed_dim * (len(field_sizes) + 2)
         first, last = nn.Linear(in_dim, hidden), nn.Linear(hidden, rank * rank)  # in this order: the RNG
         nn.init.normal_(last.weight, std=1e-3)
         nn.init.zeros_(last.bias)
@@ -35,7 +45,7 @@ class ConfigMapper(nn.Module):
         self.alpha = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, options: torch.Tensor, blocks: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
-        """``options`` (N, 5) field indices, ``blocks`` (N,), ``types`` (N,) -> D of shape (N, r, r), fp32."""
+        """``options`` (N, F) field indices, ``blocks`` (N,), ``types`` (N,) -> D of shape (N, r, r), fp32."""
         with torch.autocast(device_type=options.device.type, enabled=False):
             parts = [emb(options[:, i]) for i, emb in enumerate(self.field_embeddings)]
             parts += [self.block_embedding(blocks), self.type_embedding(types)]

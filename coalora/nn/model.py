@@ -7,13 +7,14 @@ re-quantized, a cached one is never recomputed, nothing is ever read from disk.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from coalora.nn.lora import LoRALinear, lora_layer
 from coalora.nn.mapper import ConfigMapper
 from coalora.nn.weight_cache import CacheMode, QuantCache
-from coalora.quant.options import QuantOption
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.quant.rounding import Rounder, Rounding
 from coalora.quant.targets import TargetMatrix, discover_targets, module_types
@@ -95,7 +96,7 @@ class CoALoRAModel(nn.Module):
         whose ``lm_head`` (tied to the embeddings or not) stays frozen like the rest of the backbone."""
         super().__init__()
         targets = discover_targets(backbone)
-        self.space = ConfigSpace(targets, model=model_name)
+        self.space = ConfigSpace(targets, model=model_name, family=code_family)
         self.types = module_types(targets)
         backbone.requires_grad_(False)
         inject_lora(backbone, targets, rank, alpha, dropout)
@@ -113,14 +114,21 @@ class CoALoRAModel(nn.Module):
         )
         num_blocks = max(t.block_index for t in targets) + 1
         self.mapper = (
-            ConfigMapper(rank, num_blocks, len(self.types), mapper_embed_dim, mapper_hidden)
+            ConfigMapper(
+                rank,
+                num_blocks,
+                len(self.types),
+                mapper_embed_dim,
+                mapper_hidden,
+                self.space.family.field_sizes,
+            )
             if use_mapper
             else None
         )
         #: how every configuration's codes are chosen (gptq: after :meth:`set_calibration`)
         self.rounder = Rounder(rounding, code_family)
         self.cache = QuantCache(cache_bytes, code_family, cache_mode, self.rounder)
-        self._active: list[QuantOption | None] = [None] * len(self.layers)
+        self._active: list[Any] = [None] * len(self.layers)  # each layer's option (None: full precision)
         #: whether layers hold weights pinned by :meth:`set_fixed_weights` (never a cached option's)
         self._pinned = False
         self.active_config: QConfig | None = None

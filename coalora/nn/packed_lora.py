@@ -52,8 +52,9 @@ def _workspace(numel: int) -> torch.Tensor | None:
 
 
 class PackedLoRALinear(LoRALinear):
-    """A LoRA layer over a packed low-bit weight: buffers ``codes``, ``scale_codes``, ``scale2`` and
-    ``offset`` (the artifact's names and dtypes), parameters ``bias``, ``lora_A`` and ``lora_B``.
+    """A LoRA layer over a packed low-bit weight: one buffer per part of the code family's schema (``codes``,
+    ``scale_codes``, ``scale2`` and ``offset`` for nf/int; ``blocks`` for gguf: the artifact's names and
+    dtypes), parameters ``bias``, ``lora_A`` and ``lora_B``.
 
     There is no stored ``weight``: :meth:`base_weight` (and the read-only ``weight`` property, for code
     that inspects a linear layer's weight) dequantize a transient copy each time they are called.
@@ -145,10 +146,9 @@ class PackedLoRALinear(LoRALinear):
 
     def packed(self) -> PackedTensor:
         """The held parts as a :class:`PackedTensor` (a view: nothing is copied)."""
-        parts = {name: getattr(self, name) for name in get_family(self.family).part_names}
-        return PackedTensor(
-            shape=(self.out_features, self.in_features), option=self.option, family=self.family, **parts
-        )
+        family = get_family(self.family)
+        parts = {name: getattr(self, name) for name in family.part_names}
+        return family.from_parts((self.out_features, self.in_features), self.option, parts)
 
     def _exact_dtype_parts(self) -> tuple[str, ...]:
         """Buffers a dtype cast must leave alone: the ``exact_dtype`` parts of the family's schema, whose
@@ -168,7 +168,7 @@ class PackedLoRALinear(LoRALinear):
         """As :class:`LoRALinear`; without autograd on the CPU, the transient weight is dequantized into
         a buffer reused by every layer (no fresh allocation; it never leaves this call), else it is a
         fresh tensor, which autograd may keep for the backward pass."""
-        if self.active_weight is not None or torch.is_grad_enabled() or self.codes.device.type != "cpu":
+        if self.active_weight is not None or torch.is_grad_enabled() or self.lora_A.device.type != "cpu":
             return super().forward(x)
         packed = self.packed()
         buffer = _workspace(packed.padded_numel)
@@ -208,6 +208,8 @@ class PackedLoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         option = self.option
+        if not isinstance(option, QuantOption):  # a family of its own schema (gguf: the type's name)
+            return f"{super().extra_repr()}, packed={option.short()} {self.family}"
         return (
             f"{super().extra_repr()}, packed={option.bits}-bit {self.family} "
             f"(scales {option.scale_bits}-bit/{option.block}, {option.scale2_dtype}/{option.block2})"

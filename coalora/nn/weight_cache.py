@@ -7,10 +7,10 @@ What an entry holds (``mode``):
 - ``dense``: the dequantized weight, ready to use; a hit costs nothing. 4 bytes a weight in fp32: MiniLM's
   50 training configurations take about 500 MB, RoBERTa-Large's about 1.2 GB each, a 7B model's 26 GB.
 - ``packed``: the packed codes, scale codes and second-level scales (:class:`PackedTensor`, the
-  artifact's form: ``bits/8`` bytes a weight plus the scales); a hit dequantizes, bit for bit what
-  ``fake_quantize`` gives, so training is unchanged. The dense weight exists only while its
-  configuration is active (one configuration's worth at a time), at the cost of a dequantization per
-  activation, i.e. per configuration of a step.
+  artifact's form; for ``gguf``, the matrix's llama.cpp block bytes: ``bits/8`` bytes a weight plus the
+  scales); a hit dequantizes, bit for bit what ``fake_quantize`` gives, so training is unchanged. The
+  dense weight exists only while its configuration is active (one configuration's worth at a time), at
+  the cost of a dequantization per activation, i.e. per configuration of a step.
 - ``auto`` (the default): dense while the entries fit ``max_bytes``; on the first entry that would not
   fit, the cache empties and holds packed entries from then on (evicting least recently used ones
   when even those exceed ``max_bytes``). A training set that fits pays nothing; one that does not is
@@ -59,9 +59,9 @@ Entry = torch.Tensor | PackedTensor | CodedDense
 def _nbytes(entry: Entry) -> int:
     if isinstance(entry, CodedDense):
         return _nbytes(entry.dense) + entry.packed.nbytes
-    if isinstance(entry, PackedTensor):
-        return entry.nbytes
-    return entry.numel() * entry.element_size()
+    if isinstance(entry, torch.Tensor):
+        return entry.numel() * entry.element_size()
+    return entry.nbytes  # a family's packed form (PackedTensor, or gguf's block bytes)
 
 
 class AbsmaxStore:
@@ -182,7 +182,7 @@ class QuantCache:
         entry = self._entries.get((name, option))
         if isinstance(entry, CodedDense):
             return entry.packed
-        return entry if isinstance(entry, PackedTensor) else None
+        return None if entry is None or isinstance(entry, torch.Tensor) else entry
 
     def prefetch(self, items: list[tuple[str, QuantOption, torch.Tensor]]) -> None:
         """Quantize the missing ``(name, option, weight)`` entries together: GPTQ rounds the matrices of
@@ -208,7 +208,8 @@ class QuantCache:
         options = [option for _, option, _ in items]
         weights = [weight for _, _, weight in items]
         absmax = None
-        if self.rounder.method == "nearest":
+        # the blocked families share each block size's absmax between options; gguf types scale themselves
+        if self.rounder.method == "nearest" and all(isinstance(o, QuantOption) for o in options):
             absmax = [self.absmax.get(n, w, o.block) for n, o, w in items]
         keep = self.packed or self.keep_codes
         forms = self.rounder.forms_many(names, weights, options, keep, not self.packed, absmax, self.threads)
@@ -241,7 +242,7 @@ class QuantCache:
     def _dense(entry: Entry, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(entry, CodedDense):
             return entry.dense
-        return entry.dequantize().to(dtype) if isinstance(entry, PackedTensor) else entry
+        return entry if isinstance(entry, torch.Tensor) else entry.dequantize().to(dtype)
 
     def clear(self) -> None:
         """Drop every quantized entry (the absmax store stays: it checks its weights itself)."""

@@ -12,14 +12,16 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.error_table import cached_error_table
-from coalora.quant.knapsack import SOLVER_ID, solve_mckp
-from coalora.quant.options import OPTION_SPACE, QuantOption
+from coalora.quant.families import get_family
+from coalora.quant.knapsack import SOLVER_ID, mask_options, solve_mckp
+from coalora.quant.options import OPTION_SPACE
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.utils import default_cache_dir
 
@@ -35,19 +37,19 @@ def budget_grid(start: float = 2.25, stop: float = 7.15, step: float = 0.10) -> 
     return [round(start + i * step, 10) for i in range(count)]
 
 
-def option_costs(space: ConfigSpace, options: Sequence[QuantOption] = OPTION_SPACE) -> np.ndarray:
+def option_costs(space: ConfigSpace, options: Sequence[Any] = OPTION_SPACE) -> np.ndarray:
     """(N, K) storage bits of every option on every matrix: bits(option) * numel."""
     bits = np.array([o.storage_bits for o in options], dtype=np.float64)
     return space.numel.numpy()[:, None] * bits[None, :]
 
 
-def budget_range(options: Sequence[QuantOption] = OPTION_SPACE) -> tuple[float, float]:
+def budget_range(options: Sequence[Any] = OPTION_SPACE) -> tuple[float, float]:
     """Cheapest and dearest achievable avg_bits (every matrix at the cheapest or dearest option)."""
     bits = [o.storage_bits for o in options]
     return min(bits), max(bits)
 
 
-def check_budget(budget_bits: float, options: Sequence[QuantOption] = OPTION_SPACE) -> None:
+def check_budget(budget_bits: float, options: Sequence[Any] = OPTION_SPACE) -> None:
     """Raise a one-line error when no configuration can meet ``budget_bits`` or it exceeds the dearest one."""
     low, high = budget_range(options)
     if not low <= budget_bits <= high:
@@ -57,17 +59,43 @@ def check_budget(budget_bits: float, options: Sequence[QuantOption] = OPTION_SPA
         )
 
 
+def check_space_budget(space: ConfigSpace, budget_bits: float) -> None:
+    """:func:`check_budget` for this backbone: the range its targets' allowed options span (for ``gguf``,
+    rows that K-quants cannot tile raise the cheapest mix)."""
+    if bool(space.option_mask.all()):
+        check_budget(budget_bits, space.family.option_space)
+        return
+    low, high = space.budget_range()
+    if not low <= budget_bits <= high:
+        raise CoaloraError(
+            f"budget {budget_bits:g} bits is outside what {space.family_name} options reach on this model "
+            f"({math.ceil(low * 1e4) / 1e4:.4f}..{math.floor(high * 1e4) / 1e4:.4f} bits); "
+            "choose one inside it"
+        )
+
+
+def reachable_budgets(space: ConfigSpace, budgets: Sequence[float]) -> list[float]:
+    """The default ``budgets`` this backbone's options reach (all of them for ``nf``/``int``)."""
+    if bool(space.option_mask.all()):
+        return list(budgets)
+    low, high = space.budget_range()
+    return [b for b in budgets if low <= b <= high]
+
+
 def allocate(
     space: ConfigSpace,
     errors: torch.Tensor | np.ndarray,
     budget_bits: float,
-    options: Sequence[QuantOption] = OPTION_SPACE,
+    options: Sequence[Any] | None = None,
 ) -> QConfig:
     """The configuration with least total error whose avg_bits does not exceed ``budget_bits``.
 
+    ``options``: the table's columns (default: the space's family's option space). An option a target's
+    rows do not allow (+inf in the table, or refused by :attr:`ConfigSpace.option_mask`) is never chosen.
     The answer depends only on the table and the budget, not on how long the solve took: the training
     grid, the evaluation budgets and every machine get the same configurations.
     """
+    options = space.family.option_space if options is None else options
     check_budget(budget_bits, options)
     errors = np.asarray(errors, dtype=np.float64)
     if errors.shape != (len(space), len(options)):
@@ -76,8 +104,23 @@ def allocate(
             "recompute it for this model"
         )
     costs, capacity = _integer_costs(space, options, budget_bits)
+    allowed = np.isfinite(errors) & _allowed(space, options)
+    if not allowed.all():
+        check_space_budget(space, budget_bits)
+        errors, costs = mask_options(errors, costs, allowed)
     choice = solve_mckp(errors, costs, capacity)
+    if not all(allowed[i, j] for i, j in enumerate(choice)):  # cannot happen: masked options are dominated
+        raise CoaloraError("the allocator chose an option a matrix does not allow; please report this")
     return space.make(options[j] for j in choice)
+
+
+def _allowed(space: ConfigSpace, options: Sequence[Any]) -> np.ndarray:
+    """(N, K) whether each of ``options`` fits each target's rows."""
+    if list(options) == list(space.family.option_space):
+        return space.option_mask.numpy()
+    return np.array(
+        [[space.family.allowed(o, t.in_features) for o in options] for t in space.targets], dtype=bool
+    ).reshape(len(space), len(options))
 
 
 def cached_allocate(
@@ -94,7 +137,7 @@ def cached_allocate(
     path = allocation_cache_path(space, errors, budget_bits, cache_dir)
     if path.is_file():
         try:
-            return space.validate(QConfig.load(path))
+            return space.validate(QConfig.load(path, space.family_name))
         except CoaloraError:
             pass  # a stale or damaged entry: recompute it
     config = allocate(space, errors, budget_bits)
@@ -117,7 +160,7 @@ def allocation_cache_path(
 
 
 def _integer_costs(
-    space: ConfigSpace, options: Sequence[QuantOption], budget_bits: float
+    space: ConfigSpace, options: Sequence[Any], budget_bits: float
 ) -> tuple[np.ndarray, float]:
     """Costs in exact integer units (1/1024 bit per gcd-of-sizes weights) when the options allow, else bits.
 
@@ -134,9 +177,11 @@ def _integer_costs(
 
 
 def total_error(
-    space: ConfigSpace, errors: torch.Tensor, config: QConfig, options: Sequence[QuantOption] = OPTION_SPACE
+    space: ConfigSpace, errors: torch.Tensor, config: QConfig, options: Sequence[Any] | None = None
 ) -> float:
-    """Sum of the table's errors for the options ``config`` chose."""
+    """Sum of the table's errors for the options ``config`` chose (``options``: the table's columns,
+    default the space's family's option space)."""
+    options = space.family.option_space if options is None else options
     column = {o: k for k, o in enumerate(options)}
     return float(sum(errors[i, column[config.matrices[n]]] for i, n in enumerate(space.names)))
 
@@ -189,8 +234,8 @@ def model_error_table(
         batches = text_batches(load_tokenizer(model_name), texts, calibration_samples)
         fingerprint = weights_fingerprint(weights)
         hessians = backbone_hessians(model, model_name, batches, fingerprint, cache_dir)
-    table = cached_error_table(weights, OPTION_SPACE, fisher, family, cache_dir, hessians)
-    return ConfigSpace(targets, model=model_name), table
+    table = cached_error_table(weights, None, fisher, family, cache_dir, hessians)
+    return ConfigSpace(targets, model=model_name, family=family), table
 
 
 def allocate_for_model(
@@ -204,7 +249,7 @@ def allocate_for_model(
     """One configuration (and its avg_bits) per budget, for a backbone named on the hub or a local folder
     (``texts`` and ``weighting`` as :func:`model_error_table` takes them)."""
     for budget in budgets:  # fail before the expensive part
-        check_budget(budget)
+        check_budget(budget, get_family(family).option_space)
     space, table = model_error_table(model_name, texts, family, cache_dir, weighting=weighting)
     results = []
     for budget in budgets:

@@ -14,13 +14,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant.codebooks import codebook
 from coalora.quant.families import get_family
-from coalora.quant.options import OPTION_SPACE, QuantOption
+from coalora.quant.options import QuantOption
 from coalora.quant.scales import double_quantize_scales, pad_to
 from coalora.quant.targets import weights_fingerprint
 from coalora.utils import default_cache_dir, intra_op_threads, save_atomic
@@ -31,14 +32,16 @@ TABLE_VERSION = 1
 
 def error_table(
     weights: dict[str, torch.Tensor],
-    options: Sequence[QuantOption] = OPTION_SPACE,
+    options: Sequence[Any] | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
     family: str = "nf",
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(N matrices, K options) float64 table of (Fisher- or activation-weighted) squared quantization errors,
-    computed by the named code family's kernel (:meth:`~coalora.quant.families.CodeFamily.error_table`)."""
-    return get_family(family).error_table(weights, options, fisher, hessians)
+    computed by the named code family's kernel (:meth:`~coalora.quant.families.CodeFamily.error_table`);
+    ``options`` default to the family's option space."""
+    chosen = get_family(family).option_space if options is None else options
+    return get_family(family).error_table(weights, chosen, fisher, hessians)
 
 
 def blocked_error_table(
@@ -267,7 +270,7 @@ def _check_statistics(
             )
 
 
-def options_hash(options: Sequence[QuantOption]) -> str:
+def options_hash(options: Sequence[Any]) -> str:
     """Short hash of an option list, in order (a table's columns follow it)."""
     text = ";".join(o.short() for o in options)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -275,14 +278,15 @@ def options_hash(options: Sequence[QuantOption]) -> str:
 
 def table_cache_path(
     weights: dict[str, torch.Tensor],
-    options: Sequence[QuantOption] = OPTION_SPACE,
+    options: Sequence[Any] | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
     family: str = "nf",
     cache_dir: str | os.PathLike | None = None,
     hessians: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Where the table for these weights, options, weighting (Fisher or input statistics) and code family
-    is (or would be) cached."""
+    is (or would be) cached (``options`` default to the family's option space)."""
+    options = get_family(family).option_space if options is None else options
     if hessians is not None:
         weighting = "act-" + weights_fingerprint(hessians)
     else:
@@ -308,7 +312,7 @@ def _load_table(path: Path, names: list[str], n_options: int) -> torch.Tensor | 
 
 def cached_error_table(
     weights: dict[str, torch.Tensor],
-    options: Sequence[QuantOption] = OPTION_SPACE,
+    options: Sequence[Any] | None = None,
     fisher: dict[str, torch.Tensor] | None = None,
     family: str = "nf",
     cache_dir: str | os.PathLike | None = None,
@@ -317,6 +321,7 @@ def cached_error_table(
     """:func:`error_table`, read from the disk cache when present, else computed and written there.
 
     Deterministic for given inputs, so DDP ranks computing it alike agree (each write is atomic)."""
+    options = get_family(family).option_space if options is None else options
     path = table_cache_path(weights, options, fisher, family, cache_dir, hessians)
     names = list(weights)
     table = _load_table(path, names, len(options))

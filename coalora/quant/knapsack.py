@@ -57,6 +57,25 @@ DP_MAX_CELLS = 1e8
 SOLVER_ID = f"dp{DP_MAX_WORK:.0e}x{DP_MAX_CELLS:.0e}-gap{MIP_REL_GAP:g}".replace("+", "")
 
 
+def mask_options(errors: np.ndarray, costs: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(errors, costs) in which every option ``allowed`` refuses is strictly dominated, so no solver picks it.
+
+    A refused option of row i gets cost (row's dearest allowed cost + 1) and error (twice the row's largest
+    allowed error + 1): the dearest allowed option costs less and errs less. Both stay finite and of the
+    row's scale (the Lagrangian bound and the integer cost path are unchanged), and the problem's optimum
+    is the restricted one's. Each row needs at least one allowed option.
+    """
+    errors, costs = errors.astype(np.float64, copy=True), costs.astype(np.float64, copy=True)
+    for i, row in enumerate(allowed):
+        if not row.any():
+            raise CoaloraError(f"matrix {i} allows none of the options; no configuration can code it")
+        refused = ~row
+        if refused.any():
+            costs[i, refused] = costs[i, row].max() + 1.0
+            errors[i, refused] = 2.0 * np.abs(errors[i, row]).max() + 1.0
+    return errors, costs
+
+
 def solve_mckp(
     errors: torch.Tensor | np.ndarray, costs: torch.Tensor | np.ndarray, capacity: float
 ) -> list[int]:

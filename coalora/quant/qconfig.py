@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ class QConfig:
         return data
 
     @classmethod
-    def from_json(cls, data: object, where: str = "qconfig") -> QConfig:
+    def from_json(cls, data: object, where: str = "qconfig", family: str = "nf") -> QConfig:
+        """Parse a qconfig's JSON form; each matrix's option in ``family``'s schema."""
         if not isinstance(data, dict):
             raise CoaloraError(f"{where} must be a JSON object with 'format', 'model' and 'matrices'")
         if data.get("format") != FORMAT:
@@ -60,10 +62,8 @@ class QConfig:
         matrices = data.get("matrices")
         if not isinstance(matrices, dict) or not matrices:
             raise CoaloraError(f"{where} needs a non-empty 'matrices' object mapping module names to options")
-        options = {
-            name: QuantOption.from_dict(opt, where=f"{where}: matrix '{name}'")
-            for name, opt in matrices.items()
-        }
+        parse = get_family(family).option_from_dict
+        options = {name: parse(opt, where=f"{where}: matrix '{name}'") for name, opt in matrices.items()}
         declared = data.get("avg_bits")
         if declared is not None and (isinstance(declared, bool) or not isinstance(declared, (int, float))):
             raise CoaloraError(f"{where} has avg_bits {declared!r}, not a number; fix it or remove the key")
@@ -74,7 +74,7 @@ class QConfig:
         write_text_atomic(Path(path), json.dumps(self.to_json(avg_bits), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> QConfig:
+    def load(cls, path: str | os.PathLike, family: str = "nf") -> QConfig:
         path = Path(path)
         if not path.is_file():
             raise CoaloraError(
@@ -91,7 +91,7 @@ class QConfig:
                 f"qconfig file '{path}' is not valid JSON ({err.msg} at line {err.lineno}); "
                 "fix it or write one with `coalora allocate --out`"
             ) from None
-        return cls.from_json(data, where=f"qconfig '{path}'")
+        return cls.from_json(data, where=f"qconfig '{path}'", family=family)
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -126,6 +126,59 @@ class ConfigSpace:
     def __len__(self) -> int:
         return len(self.targets)
 
+    # -- which options fit which matrix ---------------------------------------------------------------
+    @cached_property
+    def option_mask(self) -> torch.Tensor:
+        """(N, K) bool: whether option k of the family's space can code target i (its row length); all
+        True for the blocked families, K-quants only on rows of multiples of 256 for ``gguf``."""
+        family = self.family
+        mask = torch.tensor(
+            [[family.allowed(o, t.in_features) for o in family.option_space] for t in self.targets],
+            dtype=torch.bool,
+        ).reshape(len(self.targets), len(family.option_space))
+        for target, row in zip(self.targets, mask, strict=True):
+            if not row.any():
+                raise CoaloraError(
+                    f"no {family.name} option codes target '{target.name}' (rows of {target.in_features} "
+                    "weights); use code_family nf or int"
+                )
+        return mask
+
+    @cached_property
+    def nearest_allowed_index(self) -> torch.Tensor:
+        """(N, K) long: per target, the allowed option nearest to each option index (the cheaper on a tie;
+        itself where allowed)."""
+        table = torch.empty(self.option_mask.shape, dtype=torch.long)
+        for i, row in enumerate(self.option_mask.tolist()):
+            allowed = [k for k, ok in enumerate(row) if ok]
+            for k in range(len(row)):
+                table[i, k] = min(allowed, key=lambda a, k=k: (abs(a - k), a))  # type: ignore[misc]
+        return table
+
+    def restrict(self, encoded: torch.Tensor) -> torch.Tensor:
+        """(..., N, F) encodings with each option a target's rows do not allow moved to the nearest allowed
+        one (:attr:`nearest_allowed_index`); returned as given when every option fits every target."""
+        if bool(self.option_mask.all()):
+            return encoded
+        if len(self.family.field_names) != 1:
+            raise CoaloraError(
+                f"code family '{self.family_name}' restricts options per matrix but has several fields; "
+                "the search moves single-field options only"
+            )
+        index = encoded[..., 0].long()
+        rows = torch.arange(len(self)).expand_as(index)
+        return self.nearest_allowed_index[rows, index].unsqueeze(-1).to(encoded.dtype)
+
+    def budget_range(self) -> tuple[float, float]:
+        """Cheapest and dearest avg_bits this backbone can take (each target's cheapest or dearest allowed
+        option)."""
+        bits = self.option_bits.expand(self.option_mask.shape)
+        low = torch.where(self.option_mask, bits, torch.inf).min(dim=1).values
+        high = torch.where(self.option_mask, bits, -torch.inf).max(dim=1).values
+        return float((low * self.numel).sum() / self.total_numel), float(
+            (high * self.numel).sum() / self.total_numel
+        )
+
     @property
     def dim(self) -> int:
         """Length of the flat encoding: 5 option indices per matrix."""
@@ -142,9 +195,16 @@ class ConfigSpace:
         return self.make([option] * len(self))
 
     def random(self, generator: torch.Generator | None = None) -> QConfig:
+        """Each target's option uniform among those its rows allow."""
         space = self.family.option_space
-        picks = torch.randint(len(space), (len(self),), generator=generator)
-        return self.make(space[int(i)] for i in picks)
+        if bool(self.option_mask.all()):
+            picks = torch.randint(len(space), (len(self),), generator=generator)
+            return self.make(space[int(i)] for i in picks)
+        options = []
+        for row in self.option_mask:
+            allowed = row.nonzero().squeeze(1)
+            options.append(space[int(allowed[int(torch.randint(len(allowed), (1,), generator=generator))])])
+        return self.make(options)
 
     def random_near(self, bits: float, generator: torch.Generator | None = None) -> QConfig:
         """A random configuration whose avg_bits is close to ``bits``.
@@ -153,6 +213,8 @@ class ConfigSpace:
         probability that makes the expected width ``bits``; its other four fields are uniform.
         """
         family = self.family
+        if "bits" not in family.field_choices:
+            return self.random_near_cost(bits, generator)
         widths = sorted(family.field_choices["bits"])
         lower = max([w for w in widths if w <= bits], default=widths[0])
         upper = min([w for w in widths if w >= bits], default=widths[-1])
@@ -163,6 +225,23 @@ class ConfigSpace:
             rest = [int(torch.randint(size, (1,), generator=generator)) for size in family.field_sizes[1:]]
             width_index = family.field_choices["bits"].index(upper if use_upper else lower)
             options.append(family.decode([width_index, *rest]))
+        return self.make(options)
+
+    def random_near_cost(self, bits: float, generator: torch.Generator | None = None) -> QConfig:
+        """:meth:`random_near` of a family without a ``bits`` field: each target takes an allowed option of
+        the two costs around ``bits`` (as close as its rows allow), the dearer with the probability that
+        makes the expected cost ``bits``, and among options of that cost one uniformly."""
+        space = self.family.option_space
+        costs = self.option_bits.tolist()
+        options = []
+        for row in self.option_mask.tolist():
+            allowed = sorted({costs[k] for k, ok in enumerate(row) if ok})
+            lower = max([c for c in allowed if c <= bits], default=allowed[0])
+            upper = min([c for c in allowed if c >= bits], default=allowed[-1])
+            p_upper = 0.0 if upper == lower else (bits - lower) / (upper - lower)
+            cost = upper if float(torch.rand(1, generator=generator)) < p_upper else lower
+            same = [k for k, ok in enumerate(row) if ok and costs[k] == cost]
+            options.append(space[same[int(torch.randint(len(same), (1,), generator=generator))]])
         return self.make(options)
 
     # -- cost -----------------------------------------------------------------------------------------
@@ -198,6 +277,7 @@ class ConfigSpace:
                 "every target matrix needs an option"
             )
         ordered = self.make(config.matrices[n] for n in self.names)
+        self.check_options(ordered, where)
         if config.declared_bits is not None:
             actual = self.avg_bits(ordered)
             if abs(actual - float(config.declared_bits)) > 1e-4 * max(1.0, actual):
@@ -207,8 +287,32 @@ class ConfigSpace:
                 )
         return ordered
 
+    def check_options(self, config: QConfig, where: str = "qconfig") -> None:
+        """Every option is one of the family's and allowed on its target's rows; else one line."""
+        position, mask = self.option_position, self.option_mask
+        for i, (target, option) in enumerate(zip(self.targets, config.matrices.values(), strict=True)):
+            k = position.get(option)
+            if k is None:
+                raise CoaloraError(
+                    f"{where}: matrix '{target.name}' has {option!r}, not a '{self.family_name}' option; "
+                    f"this run codes with {self.family_name} (write the qconfig for it)"
+                )
+            if not mask[i, k]:
+                fits = [
+                    o.short() for o, ok in zip(self.family.option_space, mask[i].tolist(), strict=True) if ok
+                ]
+                raise CoaloraError(
+                    f"{where}: matrix '{target.name}' (rows of {target.in_features} weights) cannot take "
+                    f"{self.family_name} {option.short()}; its rows allow {', '.join(fits)}"
+                )
+
+    @cached_property
+    def option_position(self) -> dict:
+        """Option -> its index in the family's option space."""
+        return {o: k for k, o in enumerate(self.family.option_space)}
+
     def load(self, path: str | os.PathLike) -> QConfig:
-        return self.validate(QConfig.load(path), where=f"qconfig '{path}'")
+        return self.validate(QConfig.load(path, self.family_name), where=f"qconfig '{path}'")
 
     def save(self, config: QConfig, path: str | os.PathLike) -> None:
         config.save(path, avg_bits=self.avg_bits(config))

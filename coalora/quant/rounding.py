@@ -16,6 +16,7 @@ from typing import Literal, TypeVar, get_args
 import torch
 
 from coalora.errors import CoaloraError
+from coalora.quant.families import check_rounding_family
 from coalora.quant.options import QuantOption
 from coalora.quant.quantizer import PackedTensor, compiled, fake_quantize, quantize, quantize_both
 
@@ -58,6 +59,7 @@ class Rounder:
 
     def __post_init__(self) -> None:
         check_rounding(self.method)
+        check_rounding_family(self.method, self.family, "rounding")
 
     @property
     def ready(self) -> bool:

@@ -13,7 +13,6 @@ from botorch.optim.optimize import optimize_acqf_discrete_local_search
 from torch import Tensor
 
 from coalora.errors import CoaloraError
-from coalora.quant.options import FIELD_SIZES
 from coalora.quant.qconfig import ConfigSpace
 from coalora.search.archive import Archive, encoding_key
 from coalora.search.pareto import pareto_mask, reference_point
@@ -126,7 +125,8 @@ def propose(
     settings: SearchSettings,
     keep: Tensor | None = None,
 ) -> Tensor:
-    """New candidate encodings (k, N, 5), k <= num_starts, none already in the archive.
+    """New candidate encodings (k, N, F), k <= num_starts, none already in the archive (F: the family's
+    option fields; options a matrix's rows do not allow are moved to the nearest allowed one).
 
     Fits the GP to the scored archive (at most ``max_fit_points``: rows in ``keep`` first, then the most
     recent), builds qLogEHVI with a reference point worse than every observation, and climbs from
@@ -138,7 +138,8 @@ def propose(
             f"unknown candidate_method '{settings.candidate_method}'; "
             f"use one of: {', '.join(CANDIDATE_METHODS)}"
         )
-    empty = torch.empty(0, len(space), len(FIELD_SIZES), dtype=torch.long)
+    fields = len(space.family.field_sizes)
+    empty = torch.empty(0, len(space), fields, dtype=torch.long)
     scored = archive.f1.isfinite().nonzero().squeeze(1)
     if len(scored) == 0 or settings.num_starts < 1:
         return empty
@@ -147,7 +148,7 @@ def propose(
     known = archive.keys()
     unique: dict[bytes, Tensor] = {}
     for flat in found:
-        encoded = flat.reshape(len(space), len(FIELD_SIZES))
+        encoded = space.restrict(flat.reshape(len(space), fields))
         if encoding_key(encoded) not in known:
             unique.setdefault(encoding_key(encoded), encoded)
     return torch.stack(list(unique.values())) if unique else empty
@@ -161,7 +162,7 @@ def _climb(
     gp = fit_gp(space.normalise(archive.encoded[rows]), y[:, 0], settings.gp_maxiter)
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
     acq = make_acquisition(gp, EncodingBits(space), y, reference_point(y), seed, settings.mc_samples)
-    tops = field_tops(len(space))
+    tops = field_tops(len(space), space.family.field_sizes)
     starts = _starts(space, archive.encoded[rows][pareto_mask(y)], settings.num_starts, generator)
     if settings.candidate_method == "coordinate":
         return coordinate_ascent(batched(acq), starts, tops, settings.max_steps)
@@ -183,7 +184,7 @@ def _starts(space: ConfigSpace, front: Tensor, count: int, generator: torch.Gene
     from_front = min(len(front), (count + 1) // 2)
     picks = torch.randperm(len(front), generator=generator)[:from_front]
     chosen = [front[int(i)].reshape(-1) for i in picks]
-    tops = field_tops(len(space))
+    tops = field_tops(len(space), space.family.field_sizes)
     for _ in range(count - from_front):
         chosen.append((torch.rand(len(tops), generator=generator, dtype=torch.float64) * (tops + 1)).long())
     return torch.stack(chosen)
@@ -196,19 +197,20 @@ def random_encodings(
     bits_range: tuple[float, float] | None = None,
     max_tries: int = 100,
 ) -> Tensor:
-    """``count`` uniform random encodings (each option index uniform), kept inside ``bits_range`` if given.
+    """``count`` uniform random encodings (each option index uniform, then moved to the nearest option its
+    matrix's rows allow), kept inside ``bits_range`` if given.
 
     Rejection sampling; after ``max_tries`` rounds the remainder is filled without the restriction.
     """
-    tops = field_tops(len(space))
-    shape = (len(space), len(FIELD_SIZES))
+    tops = field_tops(len(space), space.family.field_sizes)
+    shape = (len(space), len(space.family.field_sizes))
     found: list[Tensor] = []
     for attempt in range(max_tries + 1):
         need = count - len(found)
         if need <= 0:
             break
         draw = (torch.rand(need, len(tops), generator=generator, dtype=torch.float64) * (tops + 1)).long()
-        draw = draw.reshape(need, *shape)
+        draw = space.restrict(draw.reshape(need, *shape))
         if bits_range is not None and attempt < max_tries:
             bits = space.avg_bits_encoded(draw)
             draw = draw[(bits >= bits_range[0]) & (bits <= bits_range[1])]

@@ -4,7 +4,7 @@ and qLogEHVI of both with fixed quasi-MC samples."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from botorch.acquisition.multi_objective.logei import qLogExpectedHypervolumeImprovement
@@ -113,17 +113,21 @@ class EncodingBits:
 
     def __init__(self, space: ConfigSpace) -> None:
         self.space = space
-        self.top = field_tops(len(space)).double()
+        self.fields = len(space.family.field_sizes)
+        self.top = field_tops(len(space), space.family.field_sizes).double()
 
     def __call__(self, x: Tensor) -> Tensor:
+        """Bits of the configuration each point becomes (an option a matrix's rows do not allow is moved to
+        the nearest allowed one first, as :meth:`~coalora.quant.qconfig.ConfigSpace.restrict` does)."""
         indices = torch.round(x.double() * self.top).long().clamp_min(0)
         indices = torch.minimum(indices, self.top.long())
-        return self.space.avg_bits_encoded(indices.reshape(*x.shape[:-1], len(self.space), len(FIELD_SIZES)))
+        encoded = indices.reshape(*x.shape[:-1], len(self.space), self.fields)
+        return self.space.avg_bits_encoded(self.space.restrict(encoded))
 
 
-def field_tops(num_matrices: int) -> Tensor:
-    """Largest index of every flat coordinate: (d,) long."""
-    return (torch.tensor(FIELD_SIZES, dtype=torch.long) - 1).repeat(num_matrices)
+def field_tops(num_matrices: int, field_sizes: Sequence[int] = FIELD_SIZES) -> Tensor:
+    """Largest index of every flat coordinate: (d,) long (``field_sizes``: the code family's)."""
+    return (torch.tensor(tuple(field_sizes), dtype=torch.long) - 1).repeat(num_matrices)
 
 
 def make_acquisition(

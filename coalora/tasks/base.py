@@ -27,7 +27,7 @@ from coalora.errors import CoaloraError
 from coalora.nn.model import CoALoRAModel
 from coalora.nn.weight_cache import CacheMode
 from coalora.pretrained import DEFAULT_MODEL
-from coalora.quant.allocate import check_budget
+from coalora.quant.allocate import check_space_budget
 from coalora.quant.error_weighting import ErrorWeighting
 from coalora.quant.lqlora import init_lqlora_adapters, lqlora_residuals
 from coalora.quant.qconfig import QConfig
@@ -121,7 +121,7 @@ class CoALoRATask(
             train_budgets: CoA-LoRA's training budgets (default the grid 2.25, 2.35, ..., 7.15).
             eval_budgets: budgets validated and tested at (default 2.5, 3.0, 3.5, 4.0).
             train_budget, qconfig: QLoRA/LQ-LoRA's one configuration (a budget, or a qconfig file).
-            code_family: ``nf`` (NormalFloat) or ``int`` codes.
+            code_family: ``nf`` (NormalFloat), ``int`` codes, or ``gguf`` (one llama.cpp type per matrix).
             lqlora_iters: alternations of LQ-LoRA's decomposition.
             mapper_embed_dim, mapper_hidden: the configuration-aware network.
             quant_cache_gb, quant_cache_mode: bound of the quantized-weight cache, and whether it holds
@@ -246,7 +246,7 @@ class CoALoRATask(
         if hp.qconfig is not None:
             config = self.model.space.load(hp.qconfig)
         else:
-            check_budget(hp.train_budget)
+            check_space_budget(self.model.space, hp.train_budget)
             config, label = self.configs.allocate(hp.train_budget), budget_label(hp.train_budget)
         self.configs.fix(config, label)
         if self.method.lqlora_init:

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from coalora.errors import CoaloraError
-from coalora.quant.allocate import EVAL_BUDGETS, budget_grid, cached_allocate, check_budget
+from coalora.quant.allocate import (
+    EVAL_BUDGETS,
+    budget_grid,
+    cached_allocate,
+    check_space_budget,
+    reachable_budgets,
+)
 from coalora.quant.qconfig import ConfigSpace, QConfig
 from coalora.tasks.methods import MethodSpec
 from coalora.utils import budget_label
@@ -36,11 +42,20 @@ class ConfigurationSets:
         self.space = space
         self.method = method
         self.error_table = error_table
-        self.eval_budgets = EVAL_BUDGETS if eval_budgets is None else tuple(eval_budgets)
+        # the defaults, cut to what this backbone's options reach (a gguf model whose rows K-quants cannot
+        # tile starts above 2.5 bits); budgets given are checked as they are
+        default_eval = tuple(reachable_budgets(space, EVAL_BUDGETS))
+        self.eval_budgets = default_eval if eval_budgets is None else tuple(eval_budgets)
         self.train_budgets = None if train_budgets is None else tuple(train_budgets)
         if method.quantized:  # a bad budget fails now, not at the first (lazy) allocation
+            if not self.eval_budgets:
+                low, high = space.budget_range()
+                raise CoaloraError(
+                    f"none of the default evaluation budgets {list(EVAL_BUDGETS)} lies in the {low:.4f}.."
+                    f"{high:.4f} bits {space.family_name} options reach on this model; set model.eval_budgets"
+                )
             for budget in (*self.eval_budgets, *(self.train_budgets or ())):
-                check_budget(budget)
+                check_space_budget(space, budget)
         self._eval: dict[str, QConfig | None] | None = None
         self._train: list[QConfig] | None = None
         self._trained_on: dict[QConfig, None] = {}
@@ -72,7 +87,9 @@ class ConfigurationSets:
             if self.method.train_set == "eval":
                 self._train = [c for c in self.eval.values() if c is not None]
             else:
-                grid = budget_grid() if self.train_budgets is None else self.train_budgets
+                grid: Sequence[float] | None = self.train_budgets
+                if grid is None:
+                    grid = reachable_budgets(self.space, budget_grid()) or [self.space.budget_range()[0]]
                 self._train = list(dict.fromkeys(self.allocate(b) for b in grid))
         return self._train
 
@@ -123,7 +140,7 @@ class ConfigurationSets:
 
     def load_state(self, state: dict) -> None:
         def read(data: dict) -> QConfig:
-            return self.space.validate(QConfig.from_json(data))
+            return self.space.validate(QConfig.from_json(data, family=self.space.family_name))
 
         self._train = [read(c) for c in state["train_configs"]]
         self._eval = {k: None if c is None else read(c) for k, c in state["eval_configs"].items()}

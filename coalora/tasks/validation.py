@@ -9,14 +9,14 @@ qconfig run).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from coalora.checks import NON_NEGATIVE, POSITIVE_INT, SEED, Bound, check_values
 from coalora.errors import CoaloraError
 from coalora.quant.allocate import budget_range, check_budget
 from coalora.quant.error_weighting import check_error_weighting
-from coalora.quant.families import family_names
+from coalora.quant.families import check_rounding_family, family_names, get_family
 from coalora.quant.rounding import ROUNDINGS
 from coalora.tasks.methods import method_spec
 
@@ -60,6 +60,7 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
     rounding = arguments.get("rounding", "nearest")
     if rounding not in ROUNDINGS:
         raise CoaloraError(f"model.rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    check_rounding_family(rounding, family)
     if rounding == "gptq" and method.lqlora_init:
         raise CoaloraError(
             "model.rounding gptq does not apply to lqlora (its base is LQ-LoRA's own Q(W - L)); "
@@ -72,16 +73,17 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
             f"fixed while the task is built, before any data; drop it, or write a qconfig with `coalora "
             f"allocate --error-weighting {weighting} --glue-task TASK --out FILE` and pass model.qconfig FILE"
         )
+    options = get_family(family).option_space  # budgets are in the family's bits per weight
     for name in ("train_budgets", "eval_budgets"):
         for budget in arguments.get(name) or ():
-            check_budget(budget)
+            check_budget(budget, options)
     eval_budgets = list(arguments.get("eval_budgets") or ())
     twice = [b for i, b in enumerate(eval_budgets) if b in eval_budgets[:i]]
     if twice:
         raise CoaloraError(f"model.eval_budgets lists {twice[0]:g} twice; give each budget once")
     low_bit = arguments.get("low_bit_draw")
     if low_bit is not None:
-        low, high = budget_range()
+        low, high = budget_range(options)
         Bound(low, high).check("model.low_bit_draw", low_bit, "pass a budget in bits, or null to turn it off")
     if arguments.get("mapper_lr") is not None and not (
         method.uses_mapper and arguments.get("use_mapper", True)
@@ -90,10 +92,12 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
             f"model.mapper_lr is set but method '{method.name}' has no mapper here (use_mapper false, or a "
             "method without one); drop mapper_lr"
         )
-    _check_one_configuration(method.name, arguments.get("train_budget"), arguments.get("qconfig"))
+    _check_one_configuration(method.name, arguments.get("train_budget"), arguments.get("qconfig"), options)
 
 
-def _check_one_configuration(method: str, budget: float | None, qconfig: str | None) -> None:
+def _check_one_configuration(
+    method: str, budget: float | None, qconfig: str | None, options: Sequence[Any]
+) -> None:
     """qlora/lqlora train at exactly one configuration; every other method has no use for one."""
     if method in ONE_CONFIGURATION:
         if budget is None and qconfig is None:
@@ -104,7 +108,7 @@ def _check_one_configuration(method: str, budget: float | None, qconfig: str | N
                 "(with the baseline overlay, which sets train_budget, add --model.train_budget null)"
             )
         if budget is not None:
-            check_budget(budget)
+            check_budget(budget, options)
         return
     given = "train_budget" if budget is not None else "qconfig" if qconfig is not None else None
     if given is not None:

@@ -51,9 +51,11 @@ class CodeFamily(Protocol):
     field_choices: dict[str, tuple]
     #: names of the packed parts, in the order artifacts store them
     part_names: tuple[str, ...]
-    #: whether training, allocation and serving take it (ConfigSpace, the mapper, the search and the weight
-    #: cache know the blocked 5-field schema only; a family without it is quantize/dequantize/cost only)
+    #: whether training, allocation and serving take it (a family without it is quantize/dequantize/cost
+    #: only: runs refuse it up front)
     trains: bool
+    #: whether ``rounding: gptq`` can choose its codes (GPTQ rounds onto the blocked codebook grid)
+    gptq_rounding: bool
 
     @property
     def field_names(self) -> tuple[str, ...]: ...
@@ -65,6 +67,18 @@ class CodeFamily(Protocol):
     def option_space(self) -> tuple[Any, ...]: ...
 
     def encode(self, option: Any) -> tuple[int, ...]: ...
+
+    def option_from_dict(self, data: Any, where: str = "option") -> Any:
+        """An option from its JSON form (a qconfig file's matrix entry); one-line errors otherwise."""
+        ...
+
+    def allowed(self, option: Any, row_length: int) -> bool:
+        """Whether ``option`` can code a matrix whose rows hold ``row_length`` weights."""
+        ...
+
+    def from_parts(self, shape: tuple[int, ...], option: Any, parts: dict[str, torch.Tensor]) -> Any:
+        """The packed form from its stored parts (named as :attr:`part_names`), as an artifact holds them."""
+        ...
 
     def decode(self, indices: Sequence[int]) -> Any: ...
 
@@ -139,6 +153,15 @@ def get_family(name: str) -> CodeFamily:
     if family is None:
         raise CoaloraError(f"unknown code family '{name}'; use one of: {', '.join(family_names())}")
     return family
+
+
+def check_rounding_family(rounding: str, family: str, what: str = "model.rounding") -> None:
+    """``gptq`` only with a family whose codes it can choose; a one-line refusal otherwise."""
+    if rounding == "gptq" and not getattr(get_family(family), "gptq_rounding", False):
+        raise CoaloraError(
+            f"{what} gptq does not apply to code_family {family} (its types choose their own scales and "
+            "grid; GPTQ rounds onto the nf/int codebooks); use rounding nearest, or code_family nf or int"
+        )
 
 
 def family_names(trainable: bool = False) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Any
 
 import torch
 
@@ -57,6 +58,7 @@ class BlockedCodebookFamily:
     field_choices: dict[str, tuple] = schema.FIELD_CHOICES
     part_names: tuple[str, ...] = schema.PART_NAMES
     trains = True
+    gptq_rounding = True
 
     def __init__(self, name: str, levels: Callable[[int], Sequence[float]], description: str = "") -> None:
         self.name = name
@@ -87,6 +89,13 @@ class BlockedCodebookFamily:
     def decode(self, indices: Sequence[int]) -> QuantOption:
         return QuantOption.from_indices(list(indices))
 
+    def option_from_dict(self, data: Any, where: str = "option") -> QuantOption:
+        return QuantOption.from_dict(data, where)  # it checks that data is a mapping itself
+
+    def allowed(self, option: QuantOption, row_length: int) -> bool:
+        """Every option codes any matrix (blocks run over the flattened weights, the last one padded)."""
+        return True
+
     # -- cost and stored parts -----------------------------------------------------------------------------
     def bits_per_weight(self, option: QuantOption) -> float:
         return schema.option_bits(option)
@@ -96,6 +105,11 @@ class BlockedCodebookFamily:
 
     def part_schema(self, option: QuantOption, numel: int) -> dict[str, PartSpec]:
         return schema.part_schema(option, numel)
+
+    def from_parts(
+        self, shape: tuple[int, ...], option: QuantOption, parts: dict[str, torch.Tensor]
+    ) -> PackedTensor:
+        return PackedTensor(shape=tuple(shape), option=option, family=self.name, **parts)
 
     # -- codebook --------------------------------------------------------------------------------------------
     def levels(self, bits: int) -> tuple[float, ...]:

@@ -9,8 +9,10 @@ those bytes as one uint8 part.
 K-quants tile rows in 256-weight super-blocks, so whether a type fits depends on the matrix's row length
 (its last dimension), which an option alone does not know: :meth:`GGUFFamily.allowed` answers it for the
 allocator, and :meth:`GGUFFamily.error_table` puts +inf where a type does not fit, so no minimiser can pick
-it. The family is registered by importing this module (the ``coalora.quant`` package does); nothing else in
-the library uses it yet (ConfigSpace, the mapper, the search and artifacts are the next step).
+it. The family is registered by importing this module (the ``coalora.quant`` package does). Runs train
+with it (``model.code_family: gguf``): :class:`~coalora.quant.qconfig.ConfigSpace` gives each target only the
+types its rows allow, the mapper and the search encode an option as its one type index, and artifacts hold
+each matrix as its block bytes (one ``blocks`` part). Rounding is llama.cpp's own (``gptq`` is refused).
 """
 
 from __future__ import annotations
@@ -59,6 +61,29 @@ class GGUFOption:
     def bits(self) -> float:
         """Bits per weight as llama.cpp counts them."""
         return self.gguf_type.bits_per_weight
+
+    @property
+    def storage_bits(self) -> float:
+        """:attr:`bits` under the name the blocked options use (what budgets and caches read)."""
+        return self.bits
+
+    def to_dict(self) -> dict:
+        """The JSON form a qconfig file holds: ``{"type": "Q4_K"}``."""
+        return {"type": self.type}
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "option") -> GGUFOption:
+        """Build from a qconfig file's ``{"type": ...}`` mapping, with one-line errors."""
+        if not isinstance(data, dict) or set(data) != {"type"}:
+            got = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise CoaloraError(
+                f"{where} must be a mapping with the one field 'type' (a gguf option, e.g. "
+                f'{{"type": "Q4_K"}}); got {got}'
+            )
+        try:
+            return cls(str(data["type"]))
+        except CoaloraError as err:
+            raise CoaloraError(f"{where}: {err}") from None
 
     @property
     def indices(self) -> tuple[int, ...]:
@@ -124,9 +149,9 @@ class GGUFFamily:
     name = "gguf"
     field_choices: dict[str, tuple] = FIELD_CHOICES
     part_names: tuple[str, ...] = ("blocks",)
-    #: not yet: ConfigSpace, the mapper, the search and the weight cache take the blocked schema only
-    #: (issue #26 item 2's next step); ``coalora adapt --format gguf`` uses the types directly
-    trains = False
+    trains = True
+    #: llama.cpp's quantizers choose each block's scales and codes themselves: no GPTQ rounding
+    gptq_rounding = False
 
     def __repr__(self) -> str:
         return "GGUFFamily('gguf')"
@@ -146,6 +171,9 @@ class GGUFFamily:
 
     def encode(self, option: GGUFOption) -> tuple[int, ...]:
         return _option(option).indices
+
+    def option_from_dict(self, data: object, where: str = "option") -> GGUFOption:
+        return GGUFOption.from_dict(data, where)
 
     def decode(self, indices: Sequence[int]) -> GGUFOption:
         values = [int(i) for i in indices]
@@ -178,6 +206,11 @@ class GGUFFamily:
                 f"gguf {t.name} stores whole blocks of {t.block_size} weights; {numel} weights are not"
             )
         return {"blocks": PartSpec(torch.uint8, numel // t.block_size * t.type_size)}
+
+    def from_parts(
+        self, shape: tuple[int, ...], option: GGUFOption, parts: dict[str, torch.Tensor]
+    ) -> GGUFPacked:
+        return GGUFPacked(tuple(shape), _option(option), parts["blocks"])
 
     def codebook(self, bits: int) -> torch.Tensor:
         raise CoaloraError("the gguf family has no codebook: each block type has its own grid; use nf or int")
