@@ -114,13 +114,19 @@ def _run_gguf(args: argparse.Namespace) -> int:
     from coalora.deploy.gguf_export import require_gguf
     from coalora.tasks.checkpoint import load_task
 
-    if args.qconfig is not None or args.max_bytes is not None:
-        raise CoaloraError("--format gguf takes --gguf-type or --budget, not --qconfig or --max-bytes")
-    check_gguf_request(args.gguf_type, args.budget)
+    if args.max_bytes is not None:
+        raise CoaloraError("--format gguf takes --gguf-type, --budget or --qconfig, not --max-bytes")
+    check_gguf_request(args.gguf_type, args.budget, args.qconfig)
     require_gguf()  # the package that writes the files, before the checkpoint is read
     check_input_files([args.ckpt], "checkpoint", "pass a .ckpt written by `coalora fit`")
+    if args.qconfig is not None:
+        check_input_files(
+            [args.qconfig], "qconfig file", "write one with `coalora allocate --codes gguf --out`"
+        )
     check_replaceable(check_output_dir(args.out, "--out"))
     module = load_task(args.ckpt, "nearest")  # the base is written from full precision: no calibration
-    metadata = export_gguf(module, args.out, gguf_kind=args.gguf_type, budget=args.budget)
+    metadata = export_gguf(
+        module, args.out, gguf_kind=args.gguf_type, budget=args.budget, qconfig=args.qconfig
+    )
     print("\n".join(summary_lines(metadata, args.out)))
     return 0

@@ -19,8 +19,7 @@ from coalora.checks import FINITE, POSITIVE_INT, arg, check_output_dir, check_ou
 from coalora.errors import CoaloraError
 from coalora.pretrained import DEFAULT_MODEL
 from coalora.quant.error_weighting import ERROR_WEIGHTINGS
-from coalora.quant.families import family_names
-from coalora.quant.options import BITS_CHOICES, OPTION_SPACE
+from coalora.quant.families import family_names, get_family
 from coalora.utils import budget_label
 
 
@@ -74,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="texts for the activation statistics (default 128)",
     )
     parser.add_argument(
-        "--codes", choices=family_names(trainable=True), default="nf", help="code family: NormalFloat or int"
+        "--codes",
+        choices=family_names(trainable=True),
+        default="nf",
+        help="code family: nf (NormalFloat), int, or gguf (one llama.cpp type per matrix)",
     )
     parser.add_argument("--cache-dir", default=None, help="error-table cache (default: $COALORA_CACHE)")
 
@@ -147,8 +149,9 @@ def _texts(args: argparse.Namespace) -> list[str] | None:
 def run(args: argparse.Namespace) -> int:
     from coalora.quant.allocate import allocate, check_budget, model_error_table, total_error
 
+    family = get_family(args.codes)
     for budget in args.budget:
-        check_budget(budget)
+        check_budget(budget, family.option_space)
     outputs = _outputs(args)
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache-dir")
@@ -170,11 +173,15 @@ def run(args: argparse.Namespace) -> int:
         weighting
     ]
     print(
-        f"{args.model}: {len(space)} matrices x {len(OPTION_SPACE)} options, {kind} {args.codes} error table "
-        f"ready in {time.perf_counter() - start:.1f} s"
+        f"{args.model}: {len(space)} matrices x {len(family.option_space)} options, {kind} {args.codes} "
+        f"error table ready in {time.perf_counter() - start:.1f} s"
     )
-    bit_columns = "".join(f"{f'{b}b':>4}" for b in BITS_CHOICES)
-    print(f"{'budget':>7} {'avg_bits':>9} {'total_error':>12} {'time_s':>7} {bit_columns}  file")
+    # matrices per code width (nf/int), or per type (gguf)
+    by_bits = "bits" in family.field_choices
+    columns = list(family.field_choices["bits"]) if by_bits else [o.short() for o in family.option_space]
+    width = 4 if by_bits else max(len(c) for c in columns) + 1
+    header = "".join(f"{f'{c}b' if by_bits else c:>{width}}" for c in columns)
+    print(f"{'budget':>7} {'avg_bits':>9} {'total_error':>12} {'time_s':>7} {header}  file")
     for budget, path in zip(args.budget, outputs, strict=True):
         start = time.perf_counter()
         config = allocate(space, table, budget)
@@ -182,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
         avg = space.avg_bits(config)
         if path is not None:
             space.save(config, path)
-        counts = Counter(option.bits for option in config.matrices.values())
-        histogram = "".join(f"{counts.get(b, 0):>4}" for b in BITS_CHOICES)
+        counts = Counter(o.bits if by_bits else o.short() for o in config.matrices.values())
+        histogram = "".join(f"{counts.get(c, 0):>{width}}" for c in columns)
         error = total_error(space, table, config)
         print(f"{budget:>7.3f} {avg:>9.4f} {error:>12.5g} {seconds:>7.2f} {histogram}  {path or '-'}")
     return 0

@@ -7,10 +7,14 @@ quantization error over the types each row length allows, the same multiple-choi
 allocator solves). The adapter is the run's A and B, run by llama.cpp as a LoRA (``--lora``).
 
 Which runs can go: those whose adapter does not depend on the configuration — ``fp`` (fine-tune, then
-quantize), ``qlora``, ``shared``, and ``coalora`` with the mapper off. A CoA-LoRA adapter with a mapper is
-a function of the configuration, and no GGUF configuration has been trained for (that is a ``gguf`` code
-family in training: issue #26, item 2), so it is refused rather than folded for an nf configuration it was
-never meant for. Encoders and classification heads stay on coalora's own loader (``--format coalora``).
+quantize), ``qlora``, ``shared``, and ``coalora`` with the mapper off — and every quantized run trained with
+``code_family: gguf`` (issue #26 item 2). Such a run's configurations *are* type mixes: ``--budget`` is
+allocated from the run's own error table (the configuration ``--format coalora --budget`` serves),
+``--qconfig`` names one, ``--gguf-type`` asks for a uniform one; each target is written in exactly its
+configuration's type and the adapter is the run's A and B·M for that configuration (the mapper folded).
+A CoA-LoRA nf/int run's mapper was never trained for a GGUF type, so it is refused rather than folded for an
+nf configuration it was never meant for. Encoders and classification heads stay on coalora's own loader
+(``--format coalora``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from coalora.errors import CoaloraError
 from coalora.quant.gguf_types import GGUF_TYPES, GGUFType, allowed_types, gguf_type, row_length_error
 
 if TYPE_CHECKING:
+    from coalora.quant.qconfig import QConfig
     from coalora.tasks.base import CoALoRATask
 
 GGUF_FORMAT = "coalora.gguf/1"
@@ -39,10 +44,14 @@ BUDGET_RANGE = (min(t.bits_per_weight for t in GGUF_TYPES.values()), GGUF_TYPES[
 EXPORTABLE_METHODS = ("fp", "qlora", "shared", "coalora")
 
 
-def check_gguf_request(gguf_kind: str | None, budget: float | None) -> None:
-    """One of a type or a budget, each valid: refused in one line before any work."""
-    if (gguf_kind is None) == (budget is None):
-        raise CoaloraError("--format gguf takes --gguf-type TYPE (e.g. Q4_K) or --budget BITS (e.g. 4.0)")
+def check_gguf_request(gguf_kind: str | None, budget: float | None, qconfig: Any = None) -> None:
+    """One of a type, a budget or (runs trained with the gguf family) a qconfig, each valid: refused in one
+    line before any work."""
+    if sum(x is not None for x in (gguf_kind, budget, qconfig)) != 1:
+        raise CoaloraError(
+            "--format gguf takes --gguf-type TYPE (e.g. Q4_K) or --budget BITS (e.g. 4.0), or --qconfig FILE "
+            "for a run trained with code_family gguf"
+        )
     if gguf_kind is not None:
         gguf_type(gguf_kind)
     elif budget is not None and not BUDGET_RANGE[0] <= budget <= BUDGET_RANGE[1]:
@@ -52,8 +61,14 @@ def check_gguf_request(gguf_kind: str | None, budget: float | None) -> None:
         )
 
 
+def family_run(module: CoALoRATask) -> bool:
+    """Whether ``module`` trained with the gguf code family on quantized configurations."""
+    return module.model.space.family_name == "gguf" and module.method.quantized
+
+
 def check_exportable(module: CoALoRATask) -> None:
-    """A LLaMA causal LM whose adapter is the same for every configuration; else a one-line refusal."""
+    """A LLaMA causal LM whose adapter is the same for every configuration, or one trained on GGUF types;
+    else a one-line refusal."""
     from coalora.tasks.causal_lm import CausalLMTask
 
     if not isinstance(module, CausalLMTask):
@@ -72,7 +87,7 @@ def check_exportable(module: CoALoRATask) -> None:
             f"--format gguf exports fp, qlora, shared or mapper-off coalora runs; '{method}' changes the "
             "base weights themselves (use --format coalora)"
         )
-    if module.model.mapper is not None:
+    if module.model.mapper is not None and not family_run(module):
         raise CoaloraError(
             "this CoA-LoRA adapter has a mapper, so it depends on the configuration, and no GGUF type mix "
             "was trained for; export an fp or qlora run, or use --format coalora (issue #26: gguf family)"
@@ -142,34 +157,69 @@ def allocated_types(weights: dict[str, torch.Tensor], budget: float) -> dict[str
     return {name: kinds[j].name for name, j in zip(weights, choice, strict=True)}
 
 
+def run_configuration(
+    module: CoALoRATask,
+    weights: dict[str, torch.Tensor],
+    gguf_kind: str | None,
+    budget: float | None,
+    qconfig: Any,
+) -> tuple[QConfig, str]:
+    """A gguf-family run's configuration for the request (the run's allocator, a qconfig, or one type with
+    per-tensor fallbacks), checked against what its method serves; and where it came from."""
+    from coalora.deploy.resolve import resolve_config
+
+    if gguf_kind is None:
+        resolution = resolve_config(module, budget=budget, qconfig=qconfig)
+        assert resolution.config is not None  # a quantized method always resolves to a configuration
+        return resolution.config, resolution.source
+    from coalora.quant.families.gguf_family import GGUFOption
+
+    space = module.model.space
+    types = uniform_types(weights, gguf_kind)
+    config = space.make(GGUFOption(types[n]) for n in space.names)
+    return resolve_config(module, qconfig=config).config or config, f"type {gguf_type(gguf_kind).name}"
+
+
 def export_gguf(
     module: CoALoRATask,
     out: str | os.PathLike,
     *,
     gguf_kind: str | None = None,
     budget: float | None = None,
+    qconfig: Any = None,
     tokenizer: Any = None,
 ) -> dict:
-    """Write ``model.gguf``, ``adapter.gguf`` and the export's metadata into ``out``, atomically."""
+    """Write ``model.gguf``, ``adapter.gguf`` and the export's metadata into ``out``, atomically.
+
+    ``qconfig`` (a file or a :class:`~coalora.quant.qconfig.QConfig`): only for runs trained with the gguf
+    code family, whose configurations are type mixes."""
     from coalora.deploy.gguf_export import require_gguf, write_llama_gguf, write_lora_gguf
     from coalora.pretrained import load_tokenizer
 
-    check_gguf_request(gguf_kind, budget)
+    check_gguf_request(gguf_kind, budget, qconfig)
     check_exportable(module)
+    trained_on_types = family_run(module)
+    if qconfig is not None and not trained_on_types:
+        raise CoaloraError(
+            "--format gguf --qconfig needs a run trained with code_family gguf (its qconfigs are type "
+            "mixes); give this run --gguf-type or --budget"
+        )
     require_gguf()  # the writer's package, before any quantization
     check_replaceable(Path(out))
     plain = plain_backbone(module)
     names = list(module.model.space.names)
     weights = {name: plain.get_submodule(name).weight.detach() for name in names}
-    if gguf_kind is not None:
-        types = uniform_types(weights, gguf_kind)
-    else:
-        assert budget is not None
-        types = allocated_types(weights, budget)
     layers = module.model.layers
-    factors = {
-        n: (layer.lora_A.detach(), layer.lora_B.detach()) for n, layer in zip(names, layers, strict=True)
-    }
+    source = None
+    if trained_on_types:  # the run's own configuration of types, and its adapter for it (B·M)
+        config, source = run_configuration(module, weights, gguf_kind, budget, qconfig)
+        types = {name: config.matrices[name].type for name in names}
+        factors = module.model.folded_adapter(config)
+    else:
+        types = uniform_types(weights, gguf_kind) if gguf_kind else allocated_types(weights, budget or 0.0)
+        factors = {
+            n: (layer.lora_A.detach(), layer.lora_B.detach()) for n, layer in zip(names, layers, strict=True)
+        }
     alpha = float(layers[0].scaling) * int(layers[0].rank)
     numel = sum(w.numel() for w in weights.values())
     avg_bits = sum(GGUF_TYPES[types[n]].bits_per_weight * w.numel() for n, w in weights.items()) / numel
@@ -181,7 +231,9 @@ def export_gguf(
             "format": GGUF_FORMAT,
             "backbone": module.hparams.model_name,
             "method": module.hparams.method,
-            "request": {"gguf_type": gguf_kind} if gguf_kind is not None else {"budget": budget},
+            "code_family": module.model.space.family_name,
+            "request": _request(gguf_kind, budget, qconfig),
+            "configuration": source,
             "avg_bits": avg_bits,
             "tensor_types": types,
             "lora_alpha": alpha,
@@ -189,6 +241,14 @@ def export_gguf(
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=1, default=str) + "\n")
     return metadata
+
+
+def _request(gguf_kind: str | None, budget: float | None, qconfig: Any) -> dict:
+    if gguf_kind is not None:
+        return {"gguf_type": gguf_kind}
+    if budget is not None:
+        return {"budget": budget}
+    return {"qconfig": str(qconfig) if isinstance(qconfig, (str, os.PathLike)) else "a given configuration"}
 
 
 def summary_lines(metadata: dict, out: str | os.PathLike) -> list[str]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,9 +28,10 @@ FORMAT = "coalora.qconfig/1"
 
 @dataclass(frozen=True)
 class QConfig:
-    """A quantization configuration: module name -> option, in the backbone's target order."""
+    """A quantization configuration: module name -> option (the code family's: a :class:`QuantOption` for
+    nf/int, a ``GGUFOption`` for gguf), in the backbone's target order."""
 
-    matrices: Mapping[str, QuantOption]
+    matrices: Mapping[str, Any]
     model: str = ""
     #: the ``avg_bits`` a file's header states (checked against the matrices by ConfigSpace.validate)
     declared_bits: float | None = field(default=None, compare=False)
@@ -185,13 +187,13 @@ class ConfigSpace:
         return len(self) * len(self.family.field_names)
 
     # -- construction -------------------------------------------------------------------------------
-    def make(self, options: Iterable[QuantOption]) -> QConfig:
+    def make(self, options: Iterable[Any]) -> QConfig:
         options = list(options)
         if len(options) != len(self):
             raise CoaloraError(f"got {len(options)} options for {len(self)} target matrices")
         return QConfig(dict(zip(self.names, options, strict=True)), model=self.model)
 
-    def uniform(self, option: QuantOption) -> QConfig:
+    def uniform(self, option: Any) -> QConfig:
         return self.make([option] * len(self))
 
     def random(self, generator: torch.Generator | None = None) -> QConfig:
