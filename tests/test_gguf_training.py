@@ -187,6 +187,22 @@ def test_gptq_rounding_and_unknown_families_are_refused_in_one_line():
 
 
 # -- end to end through the CLI ---------------------------------------------------------------------------
+def test_the_allocate_command_writes_a_gguf_mix_within_the_budget(llama_dir, tmp_path, capsys):
+    from coalora.pretrained import load_causal_lm
+    from coalora.quant.targets import discover_targets
+
+    out = tmp_path / "4bits.json"
+    args = ["allocate", "--model", str(llama_dir), "--codes", "gguf", "--budget", "4.0", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "14 matrices x 10 options, plain gguf error table" in printed and "Q4_K" in printed
+    space = ConfigSpace(discover_targets(load_causal_lm(str(llama_dir))), str(llama_dir), family="gguf")
+    config = space.load(out)
+    assert _fits(space, config) and space.avg_bits(config) <= 4.0
+    assert main([*args[:-4], "--budget", "2.0", "--out", str(tmp_path / "x.json")]) == 2
+    assert "outside the achievable range 2.6250..8.5000" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def run(llama_dir, tmp_path_factory, module_cache) -> Path:
     """``coalora fit`` with tests/conf/gguf_tiny.yaml: K = 2, the Pareto search, 2 epochs of 2 steps."""
@@ -349,3 +365,52 @@ def test_a_bad_gguf_run_is_refused_in_one_line_before_any_work(llama_dir, tmp_pa
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1], (flags, err)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_llamacpp_runs_a_gguf_family_run_as_the_training_model_computes_it(tmp_path):
+    """A memorized tiny LLaMA as a CoA-LoRA gguf run (mapper and B far from zero), exported at 4.0 bits:
+    llama.cpp's logits against the training model's own forward at that configuration, within the
+    tolerance test_gguf_export.py holds llama.cpp to (its 8-bit activations are most of the difference)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (coalora[gguf-check])")
+    from coalora.deploy.gguf_adapt import export_gguf
+    from coalora.deploy.gguf_check import llamacpp_logits, load_llamacpp
+    from coalora.tasks.causal_lm import CausalLMTask
+    from tests.gguf_tiny import PROMPTS, memorize
+    from tests.test_gguf_export import REL_TOL
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(tokenizer, hidden=256, inner=96)
+    memorize(model, tokenizer, steps=60, lr=5e-3)
+    model.save_pretrained(tmp_path / "memorized")
+    tokenizer.save_pretrained(tmp_path / "memorized")
+    task = CausalLMTask(
+        model_name=str(tmp_path / "memorized"),
+        method="coalora",
+        code_family="gguf",
+        rank=8,
+        alpha=16.0,
+        train_budgets=[4.0, 5.0],
+        eval_budgets=[4.0],
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch.nn.init.normal_(task.model.mapper.net[-1].weight, std=0.05)
+        for layer in task.model.layers:
+            layer.lora_B.copy_(0.03 * torch.randn_like(layer.lora_B))
+    task.eval()
+    meta = export_gguf(task, tmp_path / "gguf", budget=4.0, tokenizer=tokenizer)
+    config = task.eval_configs["4.0"]
+    assert meta["tensor_types"] == {n: o.type for n, o in config.matrices.items()}
+    assert len(set(meta["tensor_types"].values())) >= 2
+    llm = load_llamacpp(tmp_path / "gguf" / "model.gguf", tmp_path / "gguf" / "adapter.gguf", n_ctx=128)
+    worst = largest = 0.0
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            want = task({"input_ids": torch.tensor([ids])}, config)[0].numpy()
+        got = llamacpp_logits(llm, ids)
+        worst, largest = max(worst, float(abs(want - got).max())), max(largest, float(abs(want).max()))
+        assert want[-1].argmax() == got[-1].argmax(), prompt
+    print(f"llama.cpp vs the training model: max |diff| {worst:.4g}, largest logit {largest:.4g}")
+    assert worst / largest < REL_TOL, (worst, largest)

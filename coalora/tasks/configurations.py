@@ -48,7 +48,7 @@ class ConfigurationSets:
         self.eval_budgets = default_eval if eval_budgets is None else tuple(eval_budgets)
         self.train_budgets = None if train_budgets is None else tuple(train_budgets)
         if method.quantized:  # a bad budget fails now, not at the first (lazy) allocation
-            if not self.eval_budgets:
+            if eval_budgets is None and not self.eval_budgets:
                 low, high = space.budget_range()
                 raise CoaloraError(
                     f"none of the default evaluation budgets {list(EVAL_BUDGETS)} lies in the {low:.4f}.."
