@@ -224,31 +224,28 @@ def test_a_bad_gguf_run_is_refused_in_one_line_before_any_work(llama_dir, tmp_pa
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-@pytest.mark.slow
-def test_llamacpp_runs_a_gguf_family_run_as_the_training_model_computes_it(tmp_path):
-    """A memorized tiny LLaMA as a CoA-LoRA gguf run (mapper and B far from zero), exported at 4.0 bits:
-    llama.cpp's logits against the training model's own forward at that configuration, within the
-    tolerance test_gguf_export.py holds llama.cpp to (its 8-bit activations are most of the difference)."""
+@pytest.fixture(scope="module")
+def memorized_gguf_task(tmp_path_factory):
+    """A memorized tiny LLaMA as a CoA-LoRA gguf run with the mapper and B far from zero (so the folded
+    adapter differs per configuration), and its tokenizer."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (coalora[gguf-check])")
-    from coalora.deploy.gguf_adapt import export_gguf
-    from coalora.deploy.gguf_check import llamacpp_logits, load_llamacpp
     from coalora.tasks.causal_lm import CausalLMTask
-    from tests.gguf_tiny import PROMPTS, memorize
-    from tests.test_gguf_export import REL_TOL
+    from tests.gguf_tiny import memorize
 
+    folder = tmp_path_factory.mktemp("memorized")
     tokenizer = tiny_tokenizer()
     model = tiny_llama(tokenizer, hidden=256, inner=96)
     memorize(model, tokenizer, steps=60, lr=5e-3)
-    model.save_pretrained(tmp_path / "memorized")
-    tokenizer.save_pretrained(tmp_path / "memorized")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     task = CausalLMTask(
-        model_name=str(tmp_path / "memorized"),
+        model_name=str(folder),
         method="coalora",
         code_family="gguf",
         rank=8,
         alpha=16.0,
         train_budgets=[4.0, 5.0],
-        eval_budgets=[4.0],
+        eval_budgets=list(LLAMACPP_BUDGETS),
     )
     torch.manual_seed(0)
     with torch.no_grad():
@@ -256,10 +253,35 @@ def test_llamacpp_runs_a_gguf_family_run_as_the_training_model_computes_it(tmp_p
         for layer in task.model.layers:
             layer.lora_B.copy_(0.03 * torch.randn_like(layer.lora_B))
     task.eval()
-    meta = export_gguf(task, tmp_path / "gguf", budget=4.0, tokenizer=tokenizer)
-    config = task.eval_configs["4.0"]
+    return task, tokenizer
+
+
+#: three budgets whose allocations are three different type mixes on the 256/96 model
+LLAMACPP_BUDGETS = (3.5, 4.0, 5.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", LLAMACPP_BUDGETS)
+def test_llamacpp_runs_a_gguf_family_run_as_the_training_model_computes_it(
+    memorized_gguf_task, budget, tmp_path
+):
+    """Three type mixes exported by ``adapt --format gguf``'s writer: llama.cpp's logits against the training
+    model's own forward at each configuration (which ``coalora.load`` of the run's artifact equals to 1e-5,
+    test_adapt_then_load_serves_the_training_models_logits), within the tolerance test_gguf_export.py holds
+    llama.cpp to (its 8-bit activations are most of the difference); greedy next tokens equal."""
+    from coalora.deploy.gguf_adapt import export_gguf
+    from coalora.deploy.gguf_check import llamacpp_logits, load_llamacpp
+    from coalora.utils import budget_label
+    from tests.gguf_tiny import PROMPTS
+    from tests.test_gguf_export import REL_TOL
+
+    task, tokenizer = memorized_gguf_task
+    meta = export_gguf(task, tmp_path / "gguf", budget=budget, tokenizer=tokenizer)
+    config = task.eval_configs[budget_label(budget)]
     assert meta["tensor_types"] == {n: o.type for n, o in config.matrices.items()}
     assert len(set(meta["tensor_types"].values())) >= 2
+    others = [task.eval_configs[k] for k in task.eval_configs if task.eval_configs[k] != config]
+    assert len(others) == len(LLAMACPP_BUDGETS) - 1  # three different mixes
     llm = load_llamacpp(tmp_path / "gguf" / "model.gguf", tmp_path / "gguf" / "adapter.gguf", n_ctx=128)
     worst = largest = 0.0
     for prompt in PROMPTS:
@@ -269,5 +291,7 @@ def test_llamacpp_runs_a_gguf_family_run_as_the_training_model_computes_it(tmp_p
         got = llamacpp_logits(llm, ids)
         worst, largest = max(worst, float(abs(want - got).max())), max(largest, float(abs(want).max()))
         assert want[-1].argmax() == got[-1].argmax(), prompt
-    print(f"llama.cpp vs the training model: max |diff| {worst:.4g}, largest logit {largest:.4g}")
+    print(
+        f"{budget} bits: llama.cpp vs the training model: max |diff| {worst:.4g}, largest logit {largest:.4g}"
+    )
     assert worst / largest < REL_TOL, (worst, largest)
