@@ -131,6 +131,13 @@ def test_adapt_then_load_serves_the_training_models_logits(run, tmp_path):
     torch.testing.assert_close(deployed.logits(batch), want, rtol=0, atol=1e-5)
 
 
+def _adapt_gguf(run: Path, qconfig: Path, out: Path) -> int:
+    """``coalora adapt --format gguf`` of ``run`` at the configuration a qconfig file names."""
+    return main(
+        ["adapt", "--ckpt", str(run), "--format", "gguf", "--qconfig", str(qconfig), "--out", str(out)]
+    )
+
+
 def test_adapt_format_gguf_writes_each_target_in_its_configurations_type(run, tmp_path):
     pytest.importorskip("gguf")
     from coalora.deploy.gguf_check import lora_deltas, read_tensors
@@ -161,22 +168,7 @@ def test_adapt_format_gguf_writes_each_target_in_its_configurations_type(run, tm
     # a qconfig names a configuration too; a mix the rows cannot take is refused before anything is written
     qconfig = tmp_path / "mix.json"
     task.model.space.save(config, qconfig)
-    assert (
-        main(
-            [
-                "adapt",
-                "--ckpt",
-                str(run),
-                "--format",
-                "gguf",
-                "--qconfig",
-                str(qconfig),
-                "--out",
-                str(tmp_path / "q"),
-            ]
-        )
-        == 0
-    )
+    assert _adapt_gguf(run, qconfig, tmp_path / "q") == 0
     assert json.loads((tmp_path / "q" / "coalora.json").read_text())["tensor_types"] == meta["tensor_types"]
     bad = json.loads(qconfig.read_text())
     bad.pop("avg_bits")
@@ -184,22 +176,7 @@ def test_adapt_format_gguf_writes_each_target_in_its_configurations_type(run, tm
     bad["matrices"][down] = {"type": "Q4_K"}
     qconfig.write_text(json.dumps(bad))
     refused = tmp_path / "refused"
-    assert (
-        main(
-            [
-                "adapt",
-                "--ckpt",
-                str(run),
-                "--format",
-                "gguf",
-                "--qconfig",
-                str(qconfig),
-                "--out",
-                str(refused),
-            ]
-        )
-        == 2
-    )
+    assert _adapt_gguf(run, qconfig, refused) == 2
     assert not refused.exists()
 
 

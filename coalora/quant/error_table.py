@@ -67,12 +67,7 @@ def blocked_error_table(
     runs on the caller's threads (float64 on a GPU, float32 on the CPU).
     """
     names = list(weights)
-    if fisher is not None and hessians is not None:
-        raise CoaloraError("weigh the error table by a Fisher or by input statistics, not both; pass one")
-    if fisher is not None:
-        check_fisher(weights, fisher)
-    if hessians is not None:
-        check_hessians(weights, hessians)
+    check_weighting(weights, fisher, hessians)
     threads = torch.get_num_threads()
     lookup = _BinLookup.build(family, tuple(sorted({o.bits for o in options})))
     groups: dict[tuple, list[int]] = {}  # options equal but for bits share their scales
@@ -242,6 +237,20 @@ def _quadratic_forms(rows: torch.Tensor, hessian: torch.Tensor, chunks: int = 4)
         if stop < n:
             total += 2 * (product[:, stop - start :] * rows[:, stop:]).sum(1, dtype=torch.float64)
     return total
+
+
+def check_weighting(
+    weights: dict[str, torch.Tensor],
+    fisher: dict[str, torch.Tensor] | None,
+    hessians: dict[str, torch.Tensor] | None,
+) -> None:
+    """At most one weighting, and that one matching ``weights`` (every family's table checks alike)."""
+    if fisher is not None and hessians is not None:
+        raise CoaloraError("weigh the error table by a Fisher or by input statistics, not both; pass one")
+    if fisher is not None:
+        check_fisher(weights, fisher)
+    if hessians is not None:
+        check_hessians(weights, hessians)
 
 
 def check_fisher(weights: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from coalora.errors import CoaloraError
 from coalora.quant import gguf_kernels
-from coalora.quant.error_table import check_fisher, check_hessians
+from coalora.quant.error_table import check_weighting
 from coalora.quant.families import PartSpec, register_family
 from coalora.quant.gguf_types import GGUF_TYPES, GGUFType, row_length_error
 
@@ -253,12 +253,7 @@ class GGUFFamily:
         symmetric part of H_i, where E = W_i - dequantize(quantize(W_i, c)); +inf where c does not tile
         the matrix's rows, so a minimiser never assigns it. Each type is encoded once per matrix.
         """
-        if fisher is not None and hessians is not None:
-            raise CoaloraError("weigh the error table by a Fisher or by input statistics, not both; pass one")
-        if fisher is not None:
-            check_fisher(weights, fisher)
-        if hessians is not None:
-            check_hessians(weights, hessians)
+        check_weighting(weights, fisher, hessians)
         chosen = [_option(o) for o in options]
         table = torch.full((len(weights), len(chosen)), torch.inf, dtype=torch.float64)
         with torch.no_grad():
