@@ -107,6 +107,11 @@ CELLS["shared-trainset-gptq-distill"] = (
     [*CELLS["shared-trainset-gptq"][1], "--model.distill_weight", "1.0"],
     "gptq",
 )
+#: cells with the mapper and their exact controls (the same flags with ``use_mapper: false``)
+MAPPER_PAIRS = {
+    "frozen-gptq": ("coalora-frozen-gptq", "shared-trainset-gptq"),
+    "distill": ("coalora-frozen-gptq-distill", "shared-trainset-gptq-distill"),
+}
 #: cells trained for two epochs (the warm start's 100 + 100 steps, at equal steps)
 TWO_EPOCHS = {"fp2-gptq"}
 for _budget in BUDGETS:
@@ -219,6 +224,9 @@ def comparisons(rows: list[dict]) -> dict[str, object]:
             for key, value in difference(rows, method, "fp-gptq").items():
                 if key != "per_budget":
                     out[f"{method}_minus_fp-gptq_{key}"] = value
+    for prefix, (on, off) in MAPPER_PAIRS.items():  # the mapper's gain, only against its exact control
+        for key, value in difference(rows, on, off).items():
+            out[f"{prefix}_mapper_gain_{key}"] = value
     full = per_seed(rows, FULL, "fp")
     for method in (m for m in methods if m != FULL):
         at = per_seed(rows, method, "budget", str(BUDGETS[0]))
