@@ -11,11 +11,6 @@ from collections.abc import Iterable
 import torch
 
 from coalora.quant.families import get_family
-from coalora.quant.options import OPTION_SPACE
-
-MIN_BITS = min(o.storage_bits for o in OPTION_SPACE)
-
-MAX_BITS = max(o.storage_bits for o in OPTION_SPACE)
 
 
 def bits_range(family: str = "nf") -> tuple[float, float]:
