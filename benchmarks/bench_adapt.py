@@ -53,6 +53,7 @@ from common import sst2_batch, write_result
 from coalora.deploy.adaptive import AdaptiveModel
 from coalora.deploy.export import export
 from coalora.deploy.loaded import load
+from coalora.nn.lora import fold_all
 from coalora.nn.packed_lora import PackedLoRALinear
 from coalora.pretrained import DEFAULT_MODEL, load_classifier, load_tokenizer
 from coalora.tasks.classification import ClassificationTask
@@ -78,7 +79,7 @@ def adapt_latency(module: ClassificationTask, reps: int) -> dict:
             start = time.perf_counter()
             served.adapt(config)
             with torch.no_grad(), intra_op_threads(1):
-                _ = [layer.folded_B(layer.adjustment) for layer in model.layers]
+                _ = fold_all(model.layers, [layer.adjustment for layer in model.layers])
             cold.append(time.perf_counter() - start)
             parts.append(served.last_timings)
     for config in configs:  # the cold loop left only the last configuration cached: cache them all
@@ -88,7 +89,7 @@ def adapt_latency(module: ClassificationTask, reps: int) -> dict:
             start = time.perf_counter()
             served.adapt(config)
             with torch.no_grad(), intra_op_threads(1):
-                _ = [layer.folded_B(layer.adjustment) for layer in model.layers]
+                _ = fold_all(model.layers, [layer.adjustment for layer in model.layers])
             warm.append(time.perf_counter() - start)
     mapper = []
     with torch.no_grad(), intra_op_threads(1):

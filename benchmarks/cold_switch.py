@@ -27,6 +27,7 @@ import torch
 from bench_quantizer import absmax_int4
 
 from coalora.deploy.adaptive import AdaptiveModel
+from coalora.nn.lora import fold_all
 from coalora.quant import fused
 from coalora.quant.options import NF4_DOUBLE_QUANT, QuantOption
 from coalora.quant.quantizer import block_absmax, compiled, fake_quantize, quantize, quantize_both
@@ -65,8 +66,15 @@ def _switch(module, served: AdaptiveModel, config, absmax_cold: bool) -> tuple[f
     start, cpu = time.perf_counter(), time.process_time()
     served.adapt(config)
     with torch.no_grad(), intra_op_threads(1):  # as adapt runs torch's ops
-        _ = [layer.folded_B(layer.adjustment) for layer in model.layers]
+        _ = fold_all(model.layers, [layer.adjustment for layer in model.layers])
     return time.perf_counter() - start, time.process_time() - cpu, dict(served.last_timings)
+
+
+def _warm_absmax(model, configs) -> None:
+    """Fill the absmax store for every (matrix, block size) of ``configs``, untimed."""
+    for config in configs:
+        for name, layer in zip(model.space.names, model.layers, strict=True):
+            model.cache.absmax.get(name, layer.weight, config.matrices[name].block)
 
 
 def cold_switch(module, rounds: int) -> dict:
@@ -83,6 +91,8 @@ def cold_switch(module, rounds: int) -> dict:
             for name in names[index % len(names) :] + names[: index % len(names)]:
                 threads, on, absmax_cold, keep = VARIANTS[name]
                 fused.ENABLED, module.model.cache.keep_codes = on, keep
+                if not absmax_cold:  # kept, as after a served model's first switches (a variant before
+                    _warm_absmax(module.model, configs)  # this one may have emptied the store)
                 for config in configs:
                     seconds, used, stages = _switch(module, served[threads], config, absmax_cold)
                     if index:

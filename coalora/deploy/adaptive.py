@@ -19,6 +19,7 @@ import torch
 from coalora.deploy.export import ExportReport, export
 from coalora.deploy.layout import Resolution
 from coalora.deploy.loaded import generate_texts, predict_texts
+from coalora.deploy.memory import keep_freed_memory
 from coalora.deploy.resolve import resolve_config
 from coalora.errors import CoaloraError
 from coalora.nn.weight_cache import CacheMode
@@ -39,7 +40,9 @@ class AdaptiveModel:
         on that many threads side by side, where the compiled quantizer runs, and torch's own ops (mapper,
         fold) on one, as they are too short to gain from more (each parallel region waits for a core).
         Dense cache entries keep their codes, so :meth:`export` of a configuration adapted to before
-        packs nothing again."""
+        packs nothing again. Freed weight buffers are kept in the process for the next switch
+        (:func:`~coalora.deploy.memory.keep_freed_memory`)."""
+        keep_freed_memory()
         self.module = module.eval()
         module.model.cache.keep_codes = True
         self.tokenizer = tokenizer

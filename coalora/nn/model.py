@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from coalora.nn.lora import LoRALinear, lora_layer
+from coalora.nn.lora import LoRALinear, fold_all, lora_layer
 from coalora.nn.mapper import ConfigMapper
 from coalora.nn.weight_cache import CacheMode, QuantCache
 from coalora.quant.qconfig import ConfigSpace, QConfig
@@ -228,12 +228,11 @@ class CoALoRAModel(nn.Module):
         it, if already computed)."""
         if adjustments is None and self.mapper is not None and config is not None:
             adjustments = self.adjustments(config)
+        each = [None] * len(self.layers) if adjustments is None else list(adjustments)
+        folded = fold_all(self.layers, each)
         return {
-            name: (
-                layer.lora_A.detach().clone(),
-                layer.folded_B(None if adjustments is None else adjustments[i]).clone(),
-            )
-            for i, (name, layer) in enumerate(zip(self.space.names, self.layers, strict=True))
+            name: (layer.lora_A.detach().clone(), b.clone())
+            for name, layer, b in zip(self.space.names, self.layers, folded, strict=True)
         }
 
     def trainable_parameters(self) -> list[nn.Parameter]:
