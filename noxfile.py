@@ -33,7 +33,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint and format) over the repository, mypy over the library (it needs the project installed)."""
+    """ruff (lint and format) over the repository, mypy over the library and callbacks (installed first)."""
     _install(session)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")

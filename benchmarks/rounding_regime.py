@@ -24,6 +24,8 @@ set against a bf16 row). Cells, chosen before any run:
   ``coalora-frozen-gptq``).
 - ``shared-trainset-gptq-distill`` (added before running): ``coalora-frozen-gptq-distill`` with the mapper
   off, the recommended recipe's mapper control.
+- ``coalora-frozen-gptq-distill-actw`` (added before running): the recommended recipe with its training set
+  and evaluation budgets allocated from the activation-weighted error table (``error_weighting``).
 
 Nothing is selected on dev: every run is evaluated from its ``last.ckpt``. Runs live in
 ``runs/rounding/s<seed>/<cell>/`` and are skipped once done (evaluations are reused only under the same
@@ -105,6 +107,15 @@ CELLS["shared-trainset-gptq"] = (
 CELLS["shared-trainset-gptq-distill"] = (
     "shared-trainset-gptq-distill",
     [*CELLS["shared-trainset-gptq"][1], "--model.distill_weight", "1.0"],
+    "gptq",
+)
+#: the recommended recipe trained and served under activation-weighted allocation (added 2026-12-07,
+#: session e, before running): its frozen training set and its five evaluation budgets are allocated
+#: from tr(E H Eᵀ), so training and serving agree (serving recipe 2 at weighted budgets it never trained
+#: on lost accuracy: docs/bench/weighting_accuracy.json)
+CELLS["coalora-frozen-gptq-distill-actw"] = (
+    "coalora-frozen-gptq-distill-actw",
+    [*CELLS["coalora-frozen-gptq-distill"][1], "--model.error_weighting", "activation"],
     "gptq",
 )
 #: cells with the mapper and their exact controls (the same flags with ``use_mapper: false``)

@@ -38,6 +38,7 @@ CELLS = {
     "fp-gptq": ("fp", "gptq"),
     "fp-nearest": ("fp", "nearest"),
     "coalora-frozen-gptq-distill": ("coalora-frozen-gptq-distill", "gptq"),
+    "shared-trainset-gptq-distill": ("shared-trainset-gptq-distill", "gptq"),
 }
 
 

@@ -14,7 +14,9 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -142,22 +144,29 @@ class ParetoConfigSearch(L.Callback):
         self._scored_rows: set[int] = set()
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: CoALoRATask) -> None:
-        self._maybe_round(trainer, pl_module, trainer.current_epoch)
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._maybe_round(trainer, _task(pl_module), trainer.current_epoch)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CoALoRATask) -> None:
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Catch up on a round a checkpoint was written before (e.g. one saved at validation end)."""
         if trainer.current_epoch > 0:
-            self._maybe_round(trainer, pl_module, trainer.current_epoch - 1)
+            self._maybe_round(trainer, _task(pl_module), trainer.current_epoch - 1)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: CoALoRATask, *args: object) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Tensor | Mapping[str, Any] | None,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         """With ``every_n_train_steps``: a round after every n optimizer steps (a short run gets several)."""
         n, step = self.every_n_train_steps, trainer.global_step
         if n is None or step == 0 or step % n or step <= self.last_round_step:
             return
         if not self.final_round and _no_training_follows(trainer):
             return
-        if self._run_round(trainer, pl_module, trainer.current_epoch):
+        if self._run_round(trainer, _task(pl_module), trainer.current_epoch):
             self.last_round_step = step
 
     def state_dict(self) -> dict:
@@ -387,3 +396,13 @@ def _no_training_follows(trainer: L.Trainer) -> bool:
     if 0 < trainer.max_steps <= trainer.global_step:
         return True
     return bool(trainer.is_last_batch) and _last_epoch(trainer, trainer.current_epoch)
+
+
+def _task(module: L.LightningModule) -> CoALoRATask:
+    """The coalora task the callback searches for; another LightningModule is refused in one line."""
+    if not isinstance(module, CoALoRATask):
+        raise CoaloraError(
+            f"ParetoConfigSearch searches a coalora task's configurations, got a {type(module).__name__}; "
+            "use it with coalora's tasks (coalora fit --config ...)"
+        )
+    return module
