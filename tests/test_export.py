@@ -244,10 +244,12 @@ def test_byte_budget_nothing_fits(module, workdir):
 # -------------------------------------------------------------------------------------- in-process serve
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 def test_adaptive_model_switches_configurations_like_the_module(
-    ckpt, module, config, other_config, batch, workdir
+    ckpt, module, config, other_config, batch, workdir, threads
 ):
-    served = AdaptiveModel.from_checkpoint(ckpt)
+    served = AdaptiveModel.from_checkpoint(ckpt, threads=threads)
+    assert served.threads == threads
     path = workdir / "other.json"
     other_config.save(path)
     for target, expected_config in ((3.0, config), (path, other_config), (config, config)):

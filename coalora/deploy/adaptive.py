@@ -61,16 +61,17 @@ class AdaptiveModel:
         cache_mode: CacheMode | None = None,
         rounding: str | None = None,
         data_overrides: dict | None = None,
+        threads: int | None = 1,
     ) -> AdaptiveModel:
         """``cache_mode`` ``packed`` keeps every configuration adapted to as packed codes (its bits, not
         fp32; a switch back dequantizes it, a few ms) and only the live one dense; None: the
         checkpoint's own ``quant_cache_mode``. The full-precision base stays, to quantize new ones.
         ``rounding`` (default: the run's own) and ``data_overrides``: as :func:`load_task`'s (``gptq``
-        calibrates once, at load, on the run's training examples)."""
+        calibrates once, at load, on the run's training examples); ``threads``: as the constructor's."""
         module = load_task(path, rounding, data_overrides).to(device)
         if cache_mode is not None:
             module.model.set_cache_mode(cache_mode)
-        model = cls(module)
+        model = cls(module, threads=threads)
         if module.method.fixed:
             model.adapt(None)  # the one configuration it serves
         return model
