@@ -117,7 +117,7 @@ class LoRALinear(nn.Module):
 
 def fold_all(layers: Sequence[LoRALinear], adjustments: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
     """``[layer.folded_B(adjustment) ...]`` with one batched product per B shape (see
-    :meth:`LoRALinear.folded_B`): MiniLM's 36 folds in ~0.4 ms rather than ~3 ms one by one."""
+    :meth:`LoRALinear.folded_B`): MiniLM's 36 folds in ~1.1 ms rather than ~2.7 ms one by one."""
     folded: list[torch.Tensor | None] = [None] * len(layers)
     groups: dict[tuple, list[int]] = {}
     for i, (layer, adjustment) in enumerate(zip(layers, adjustments, strict=True)):
