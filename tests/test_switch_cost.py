@@ -3,6 +3,7 @@ fold in one product per shape; freed weight buffers kept in the process."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import threading
@@ -74,6 +75,14 @@ def test_fold_all_is_each_layers_fold_bit_for_bit_and_near_float64():
         assert (b - exact).abs().max() <= 2 * torch.finfo(torch.float32).eps * exact.abs().max()
 
 
+def test_fold_of_a_float64_layer_stays_float64():
+    layer = _layers()[1].double()
+    adjustment = 0.3 * torch.randn(4, 4, dtype=torch.float64)
+    folded = fold_all([layer], [adjustment])[0]
+    assert folded.dtype == torch.float64
+    assert torch.equal(folded, layer.lora_B + torch.mm(layer.lora_B, adjustment))
+
+
 def test_fold_keeps_a_small_adjustment_that_bf16_would_round_away():
     layer = _layers()[0]
     layer.lora_B.data = layer.lora_B.data.bfloat16().float()
@@ -99,7 +108,7 @@ print(kept, faults() - start)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_freed_buffers_are_reused_rather_than_faulted_in_again(monkeypatch):
     def run(env_value: str) -> tuple[str, int]:
         monkeypatch.setenv("COALORA_KEEP_FREED_MEMORY", env_value)

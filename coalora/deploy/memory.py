@@ -2,9 +2,10 @@
 
 A cold switch writes every target's dequantized weight into fresh buffers (MiniLM: 42 MB). glibc hands
 buffers of this size out with ``mmap`` and gives them back to the kernel with ``munmap`` when they are
-freed, so every switch pays a page fault and a zeroed page per 4 KB written: on this project's 2-core EPYC,
-writing 42 MB into fresh memory took 34 ms against 5 ms into memory the process already held
-(``docs/results.md``, "Cold switch"). Raising glibc's mmap and trim thresholds keeps freed buffers in the
+freed, so every switch faults its pages in again: on this project's 2-core EPYC a MiniLM cold switch
+at 2 threads took 30.3 ms with 3,718 minor faults, against 16.6 ms with 2 faults with freed buffers
+kept (``python benchmarks/switch_costs.py``, ``docs/bench/switch_costs.json``). Raising glibc's mmap
+and trim thresholds keeps freed buffers in the
 heap for the next switch to reuse: what tcmalloc or jemalloc would do, without preloading another
 allocator. It is process-wide, so only the in-process switcher (:class:`~coalora.deploy.adaptive.
 AdaptiveModel`) asks for it, never ``coalora.load``; ``COALORA_KEEP_FREED_MEMORY=0`` turns it off.

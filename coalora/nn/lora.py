@@ -127,8 +127,9 @@ def fold_all(layers: Sequence[LoRALinear], adjustments: Sequence[torch.Tensor | 
             key = (tuple(layer.lora_B.shape), layer.lora_B.dtype, layer.lora_B.device)
             groups.setdefault(key, []).append(i)
     for indices in groups.values():
-        b = torch.stack([layers[i].lora_B.detach() for i in indices]).float()
-        d = torch.stack([adjustments[i] for i in indices]).float()  # type: ignore[misc]
+        dtype = torch.promote_types(layers[indices[0]].lora_B.dtype, torch.float32)  # float64 stays
+        b = torch.stack([layers[i].lora_B.detach() for i in indices]).to(dtype)
+        d = torch.stack([adjustments[i] for i in indices]).to(dtype)  # type: ignore[misc]
         out = (b + torch.bmm(b, d)).to(layers[indices[0]].lora_B.dtype)
         for j, i in enumerate(indices):
             folded[i] = out[j]

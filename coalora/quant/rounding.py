@@ -36,8 +36,8 @@ def _map(job: Callable[[int], _T], count: int, threads: int, costs: Sequence[int
 
     Each thread gets one share of the indices (balanced by ``costs``, e.g. each matrix's weights) and runs
     it as one task, the calling thread one of them: handing a pool one task per matrix made two threads
-    no faster than one on MiniLM (36 matrices of ~0.4 ms each; each hand-over cost about what it gained),
-    while two shares ran the same pass in about half the time (benchmarks/cold_switch.py)."""
+    little faster than one on MiniLM (36 matrices of ~0.4 ms each: 17.3 against 19.7 ms), two shares
+    12.4 ms, with freed buffers kept (benchmarks/switch_costs.py)."""
     if threads < 2 or count < 2:
         return [job(i) for i in range(count)]
     if threads not in _POOLS:
