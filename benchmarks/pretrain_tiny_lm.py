@@ -47,13 +47,15 @@ REPO = Path(__file__).resolve().parents[1]
 SPECIALS = ["<s>", "</s>", "<unk>", "<pad>"]
 DEFAULTS: dict[str, Any] = dict(vocab=4096, layers=4, hidden=256, heads=4, kv_heads=4, inner=768, context=256)
 DEFAULTS |= dict(block=128, batch=32, steps=1000, warmup=100, threads=2, seed=0)
-DEFAULTS |= dict(lr=3e-3, weight_decay=0.1, max_minutes=20.0)
+DEFAULTS |= dict(lr=3e-3, weight_decay=0.1, max_minutes=20.0, eval_every=100)
+FLAT_WINDOW, FLAT_TOLERANCE = 0.2, 0.02  # flattened: dev ppl fell < 2 % over the last 20 % of the steps
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     glue = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data"))
     p.add_argument("--data", type=Path, default=glue / "sst2" / "train.tsv", help="tsv or txt file")
+    p.add_argument("--dev", type=Path, default=glue / "sst2" / "dev.tsv", help="sentences never trained on")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "tiny-llama-sst2")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="auto: time both")
@@ -147,6 +149,25 @@ def pick_precision(model: LlamaForCausalLM, sample: torch.Tensor, reps: int = 2)
     return min(times, key=times.__getitem__), {k: round(v, 3) for k, v in times.items()}
 
 
+def flatness(curve: list[dict[str, float]], window: float = FLAT_WINDOW) -> dict[str, Any]:
+    """Relative fall of the dev perplexity over the last ``window`` of the steps: is the loss flat?
+
+    Why: the first tiny LLaMA stopped at 210 steps, undertrained, and no quantization gap opened on it; the
+    curve and this figure show whether a run trained long enough for its loss to stop moving.
+    """
+    if len(curve) < 2:
+        return {"window": window, "relative_fall": None, "flattened": False}
+    last = curve[-1]
+    start = max((c for c in curve if c["step"] <= (1 - window) * last["step"]), key=lambda c: c["step"])
+    fall = (start["dev_ppl"] - last["dev_ppl"]) / start["dev_ppl"]
+    return {
+        "window": window,
+        "from_step": start["step"],
+        "relative_fall": round(fall, 4),
+        "flattened": fall < FLAT_TOLERANCE,
+    }
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = pack_blocks(tokenizer, sentences, args.block)
     n_val = max(1, round(0.02 * len(blocks)))
     train, val = blocks[:-n_val], blocks[-n_val:]
+    dev = pack_blocks(tokenizer, read_sentences(args.dev), args.block)  # whole sentences, never trained on
     model = build_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     info = f"{len(sentences)} sentences, {blocks.numel()} tokens, {len(train)}+{n_val} blocks"
@@ -188,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.warmup, planned))
     deadline = t_start + 60 * args.max_minutes - 60  # leave a minute for evaluating and saving
     pos, step, stopped_early, losses, t_train = 0, 0, False, [], time.perf_counter()
+    curve = [{"step": 0, "heldout_ppl": round(ppl_start, 2), "dev_ppl": round(heldout_ppl(model, dev), 2)}]
     while step < planned and (now := time.perf_counter()) < deadline:
         if step == args.warmup > 0:  # fit the cosine into the time left, so the run still anneals
             fit = step + int(0.95 * (deadline - now) / ((now - t_train) / step))
@@ -210,8 +233,17 @@ def main(argv: list[str] | None = None) -> dict:
         if step % 50 == 0 or step == planned:
             rate, mean = (time.perf_counter() - t_train) / step, sum(losses[-50:]) / len(losses[-50:])
             print(f"step {step}/{planned} loss {mean:.3f} {rate:.2f}s/step", file=sys.stderr)
+        if step % args.eval_every == 0 or step == planned:
+            point = {"step": step, "train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
+            point |= {"heldout_ppl": round(heldout_ppl(model, val), 2)}
+            point |= {"dev_ppl": round(heldout_ppl(model, dev), 2)}
+            curve.append(point)
+            print(f"  {point}", file=sys.stderr)
     train_s, stopped_early = time.perf_counter() - t_train, stopped_early or step < planned
     ppl_end = heldout_ppl(model, val)
+    if curve[-1]["step"] != step:  # stopped by the deadline between two points
+        dev_ppl = round(heldout_ppl(model, dev), 2)
+        curve.append({"step": step, "heldout_ppl": round(ppl_end, 2), "dev_ppl": dev_ppl})
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -236,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     log.update(train_seconds=round(train_s, 1), wall_seconds=round(time.perf_counter() - t_start, 1))
     log.update(final_train_loss=round(sum(losses[-50:]) / max(1, len(losses[-50:])), 4))
     log.update(heldout_ppl_start=round(ppl_start, 2), heldout_ppl_end=round(ppl_end, 2))
+    log.update(dev_blocks=len(dev), dev_ppl_end=curve[-1]["dev_ppl"], flatness=flatness(curve), curve=curve)
     log.update(reload_loss_check=[round(loss_a, 6), round(loss_b, 6)])
     log.update(torch=torch.__version__, cpu_count=os.cpu_count())
     (tmp / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
