@@ -47,8 +47,20 @@ out["generated"] = coalora.load(sys.argv[2]).generate(PROMPTS, max_new_tokens=4)
 coalora.load(sys.argv[1], merge=True).predict(TEXTS)
 EXTRA
 out["packages"] = sorted({name.partition(".")[0] for name in sys.modules})
+out["coalora_modules"] = sorted(name for name in sys.modules if name.startswith("coalora"))
 print(json.dumps(out))
 """
+
+#: coalora modules an nf/int artifact's load, predict and generate never need (quantizing, allocating,
+#: llama.cpp's types): each costs a cold start milliseconds of imports
+QUANTIZE_ONLY = (
+    "coalora.quant.fused",
+    "coalora.quant.error_table",
+    "coalora.quant.families.gguf_family",
+    "coalora.quant.gguf_kernels",
+    "coalora.quant.knapsack",
+    "coalora.quant.allocate",
+)
 
 PLAIN_HF = """
 import json, sys
@@ -111,6 +123,23 @@ def _stack_problems(packages: set[str], plain: set[str]) -> list[str]:
 
 def test_load_predict_and_generate_import_no_training_stack(served, plain_hf):
     assert _stack_problems(set(served["packages"]), plain_hf) == []
+
+
+def test_serving_imports_no_quantize_only_module(served):
+    assert "coalora.quant.quantizer" in served["coalora_modules"]  # the list is the serving process's
+    assert [name for name in QUANTIZE_ONLY if name in served["coalora_modules"]] == []
+
+
+def test_gguf_registers_on_first_use():
+    """Asking for the gguf family (or listing the families) imports it, in a process that had not."""
+    code = (
+        "import sys; from coalora.quant.families import family_names, get_family; "
+        "before = 'coalora.quant.families.gguf_family' in sys.modules; "
+        "print(before, get_family('gguf').name, family_names())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.stdout.split(" ", 2)[:2] == ["False", "gguf"], done.stderr[-2000:]
+    assert "('nf', 'int', 'gguf')" in done.stdout
 
 
 def test_the_check_sees_the_training_stack_when_serving_pulls_it_in(folders, plain_hf):

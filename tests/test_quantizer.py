@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from coalora.errors import CoaloraError
-from coalora.quant import codebooks, fused, quantizer
+from coalora.quant import codebooks, dequantize, fused, quantizer
 from coalora.quant.codebooks import NearestLookup, SearchScratch, codebook, nearest_codes
 from coalora.quant.options import NF4_DOUBLE_QUANT, OPTION_SPACE, TORCH_DTYPES, QuantOption
 from coalora.quant.quantizer import PackedTensor, fake_quantize, pack_bits, quantize, unpack_bits
@@ -373,6 +373,7 @@ def test_packing_matches_the_reference_packer(bits, count):
 )
 def test_chunks_and_the_torch_path_match_the_reference(chunk, numpy_on_cpu, monkeypatch):
     monkeypatch.setattr(quantizer, "CPU_CHUNK", chunk)  # many chunks, a short last one, blocks over chunk
+    monkeypatch.setattr(dequantize, "DEQUANT_CHUNK", chunk)  # and the same for the packed tensors' reader
     monkeypatch.setattr(codebooks, "NUMPY_ON_CPU", numpy_on_cpu)
     monkeypatch.setattr(fused, "ENABLED", False)  # the chunked numpy path, not the compiled one
     for name in ("normal", "odd", "edges", "ties"):

@@ -298,7 +298,7 @@ class DeployedModel(nn.Module):
 
 
 def load(
-    folder: str | os.PathLike, merge: bool = False, verify: bool = True, dequantize: bool = False
+    folder: str | os.PathLike, merge: bool = False, verify: bool | str = True, dequantize: bool = False
 ) -> DeployedModel:
     """Load an artifact written by ``coalora adapt`` as a ready model (no network, no checkpoint).
 
@@ -306,7 +306,8 @@ def load(
     model holds about the artifact's bytes; ``dequantize`` keeps dense dequantized weights instead (more
     memory, a faster forward). The folded adapter stays a separate LoRA (exactly the training computation)
     unless ``merge`` folds it into dense weights, which leaves a plain Hugging Face model. ``verify``
-    checks every file's SHA-256 as well as its size.
+    checks every file's SHA-256 as well as its size, once per file on this machine (``"always"``: on
+    every load; ``False``: sizes only).
     """
     artifact = read_artifact(folder, verify)
     model = assemble(artifact, merge, dequantize)

@@ -20,6 +20,7 @@ from coalora.deploy.layout import (
     REEXPORT,
     Artifact,
 )
+from coalora.deploy.verified import already_verified, mark_verified
 from coalora.errors import CoaloraError
 from coalora.quant.families import get_family
 from coalora.quant.options import QuantOption
@@ -32,8 +33,12 @@ def _corrupt(folder: Path, what: str) -> CoaloraError:
     return CoaloraError(f"artifact '{folder}' is corrupted: {what}; {REEXPORT}")
 
 
-def read_metadata(folder: Path, verify: bool = True) -> dict:
-    """``coalora.json``, checked for format, and every listed file for size (and SHA-256 if ``verify``)."""
+def read_metadata(folder: Path, verify: bool | str = True) -> dict:
+    """``coalora.json``, checked for format, and every listed file for size and, if ``verify``, SHA-256:
+    ``True`` hashes a file unless this machine hashed (or wrote) this very file before
+    (:mod:`coalora.deploy.verified`), ``"always"`` hashes every file, ``False`` checks sizes only."""
+    if verify not in (True, False, "always"):
+        raise CoaloraError(f"verify must be True, False or 'always', got {verify!r}")
     path = folder / METADATA_FILE
     if folder.is_file() or folder.suffix == ".ckpt":
         raise CoaloraError(
@@ -76,8 +81,11 @@ def read_metadata(folder: Path, verify: bool = True) -> dict:
         size = file.stat().st_size
         if size != expected:
             raise _corrupt(folder, f"file '{rel}' has {size:,} bytes, {expected:,} expected (truncated?)")
-        if verify and sha256(file) != checksum:
+        if not verify or (verify is True and already_verified(file, checksum)):
+            continue
+        if sha256(file) != checksum:
             raise _corrupt(folder, f"file '{rel}' does not match its checksum")
+        mark_verified(file, checksum)
     return metadata
 
 
@@ -131,7 +139,7 @@ def _packed_from(
     return get_family(family).from_parts(shape, option, parts)
 
 
-def read_artifact(folder: str | os.PathLike, verify: bool = True) -> Artifact:
+def read_artifact(folder: str | os.PathLike, verify: bool | str = True) -> Artifact:
     """Read and check an artifact folder; every inconsistency is a one-line :class:`CoaloraError`."""
     from transformers import AutoConfig, AutoTokenizer
 

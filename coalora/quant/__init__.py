@@ -9,5 +9,5 @@ language-model head); the one exception, imported where used, is ``error_weighti
 which wraps a plain backbone in :class:`coalora.nn.model.CoALoRAModel` for the calibration pass
 (``calibration``)."""
 
-# imported to register the families: the built-in nf and int, then llama.cpp's block types as "gguf"
-from coalora.quant.families import blocked_codebook, gguf_family  # noqa: F401
+# imported to register the built-in nf and int; llama.cpp's block types ("gguf") register on first use
+from coalora.quant.families import blocked_codebook  # noqa: F401

@@ -31,12 +31,11 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy
 import torch
 
-from coalora.quant import fused
 from coalora.quant.codebooks import (
     CODE_FAMILIES,
     Array,
@@ -45,12 +44,14 @@ from coalora.quant.codebooks import (
     pack_bits,
     pack_codes,
     unpack_bits,
-    unpack_codes,
     uses_numpy,
 )
 from coalora.quant.families import get_family
 from coalora.quant.options import QuantOption
 from coalora.quant.scales import RowScaler, double_quantize_scales, pad_to, row_max
+
+if TYPE_CHECKING:
+    from coalora.quant import fused
 
 #: Weights per chunk on CPU: a chunk's scratch buffers (~16 bytes a weight) stay in cache, and per-op
 #: dispatch (a few microseconds) stays a small share. Other devices take a whole matrix at once.
@@ -174,6 +175,8 @@ def block_absmax(weight: torch.Tensor, block: int) -> torch.Tensor:
 
 def _kernel(weight: torch.Tensor) -> fused.Kernel | None:
     """The compiled pass, where it runs: on CPU, with the numpy path on, once built."""
+    from coalora.quant import fused  # quantizing only: a model that serves packed weights never needs it
+
     return fused.kernel(_agrees) if fused.ENABLED and uses_numpy(weight.device) else None
 
 
@@ -288,30 +291,6 @@ class PackedTensor:
         layer instead of allocating a fresh weight per call, which the CPU allocator keeps resident.
         """
         return get_family(self.family).dequantize(self, out)
-
-
-def blocked_dequantize(packed: PackedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:meth:`PackedTensor.dequantize` of the blocked codebook families: codes to levels, times scales."""
-    option, device = packed.option, packed.codes.device
-    block, bits, n_blocks = option.block, option.bits, packed.n_blocks
-    levels = NearestLookup.build(bits, packed.family, device).levels
-    if out is None:
-        out = torch.empty(n_blocks, block, dtype=torch.float32, device=device)
-    else:
-        wrong = out.dtype != torch.float32 or out.device != device or not out.is_contiguous()
-        if wrong or out.numel() < packed.padded_numel:
-            raise ValueError(f"dequantize needs float32 space for {packed.padded_numel} values on {device}")
-        out = out.reshape(-1)[: packed.padded_numel].view(n_blocks, block)
-    scale = RowScaler(out, packed.scales())
-    stream = packed.codes.numpy() if uses_numpy(device) else packed.codes
-    for start, stop, work in _chunks(n_blocks, block, device):
-        n, span = (stop - start) * block, slice(start * block * bits // 8, stop * block * bits // 8)
-        codes, index, scratch = work.packing(n)
-        unpack_codes(stream[span], bits, codes, scratch)
-        index[...] = codes
-        torch.index_select(levels, 0, work.search.index[:n], out=out[start:stop].view(-1))
-        scale(start, stop)
-    return out.view(-1)[: packed.numel].view(packed.shape)
 
 
 def quantize(

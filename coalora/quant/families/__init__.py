@@ -15,6 +15,7 @@ import it without a cycle.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -114,6 +115,18 @@ class CodeFamily(Protocol):
 
 
 _REGISTRY: dict[str, CodeFamily] = {}
+#: families whose module registers them on first use (name -> module): llama.cpp's block types cost a
+#: process that serves an nf/int artifact ~10 ms of imports it never needs
+_ON_FIRST_USE: dict[str, str] = {"gguf": "coalora.quant.families.gguf_family"}
+
+
+def _import_on_first_use(name: str | None = None) -> None:
+    """Import the module that registers ``name`` (every such module if None), once."""
+    for lazy in list(_ON_FIRST_USE) if name is None else [name]:
+        module = _ON_FIRST_USE.pop(lazy, None)
+        if module is not None:
+            importlib.import_module(module)
+
 
 #: the families every install has, registered by :mod:`coalora.quant.families.blocked_codebook` (which the
 #: ``coalora.quant`` package imports first, so they are there before any lookup)
@@ -149,6 +162,8 @@ def unregister_family(name: str) -> None:
 
 def get_family(name: str) -> CodeFamily:
     """The family registered as ``name``; a one-line error naming the registered ones otherwise."""
+    if name not in _REGISTRY:
+        _import_on_first_use(name)
     family = _REGISTRY.get(name)
     if family is None:
         raise CoaloraError(f"unknown code family '{name}'; use one of: {', '.join(family_names())}")
@@ -167,4 +182,5 @@ def check_rounding_family(rounding: str, family: str, what: str = "model.roundin
 def family_names(trainable: bool = False) -> tuple[str, ...]:
     """Names of every registered family, the built-in ones first (``trainable``: only those a run can
     train, allocate and serve with)."""
+    _import_on_first_use()
     return tuple(name for name, family in _REGISTRY.items() if family.trains or not trainable)

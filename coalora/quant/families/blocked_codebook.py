@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from coalora.errors import CoaloraError
-from coalora.quant import error_table, quantizer
+from coalora.quant import dequantize, quantizer
 from coalora.quant.families import PartSpec, register_family
 from coalora.quant.families import blocked_schema as schema
 from coalora.quant.options import OPTION_SPACE, QuantOption
@@ -147,7 +147,7 @@ class BlockedCodebookFamily:
         return quantizer.blocked_quantize_both(weight, option, self.name, absmax)
 
     def dequantize(self, packed: PackedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return quantizer.blocked_dequantize(packed, out)
+        return dequantize.blocked_dequantize(packed, out)
 
     def error_table(
         self,
@@ -156,7 +156,9 @@ class BlockedCodebookFamily:
         fisher: dict[str, torch.Tensor] | None = None,
         hessians: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return error_table.blocked_error_table(weights, options, self.name, fisher, hessians)
+        from coalora.quant.error_table import blocked_error_table  # not needed to serve: imported here
+
+        return blocked_error_table(weights, options, self.name, fisher, hessians)
 
 
 NF = BlockedCodebookFamily("nf", normal_float_levels, "NormalFloat: normal quantiles (QLoRA's NF4 at 4 bits)")
