@@ -242,12 +242,13 @@ def test_a_failed_build_is_said_once_and_the_numpy_path_runs(tmp_path, monkeypat
         )
 
 
-STUB = """extern "C" {
-int coalora_version() { return 2; }
-int coalora_absmax() { return 0; }
-void coalora_scale2() {}
-int coalora_quantize() { return 0; }
-}
+STUB = f"""extern "C" {{
+int coalora_version() {{ return {fused._VERSION}; }}
+int coalora_absmax() {{ return 0; }}
+void coalora_scale2() {{}}
+int coalora_quantize() {{ return 0; }}
+int coalora_dequantize() {{ return 0; }}
+}}
 """
 
 
@@ -308,3 +309,25 @@ def test_an_export_packs_nothing_again_for_a_configuration_switched_to(task, mon
     for name, packed in artifact.packed.items():
         expected = quantize(weights[name], config.matrices[name], task.model.rounder.family)
         assert _same_bits(packed.codes, expected.codes) and _same_bits(packed.scale2, expected.scale2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["nf", "int"])
+def test_compiled_dequantize_gives_the_numpy_paths_bits(family, monkeypatch):
+    """Serving's dequantization (every bit width, block size and scale format, a partial last block)."""
+    w = _matrices()["heavy_tailed"]
+    for option in OPTION_SPACE[::5]:
+        packed = quantize(w, option, family)
+        compiled = packed.dequantize()
+        monkeypatch.setattr(fused, "ENABLED", False)
+        assert _same_bits(compiled, packed.dequantize()), option
+        monkeypatch.setattr(fused, "ENABLED", True)
+
+
+@needs_kernel
+def test_a_code_the_codebook_lacks_comes_out_nan():
+    """The symmetric 2-bit integer codebook has 3 levels: code 3 is read from a NaN entry, not past the
+    table's end."""
+    packed = quantize(torch.randn(4, 64) * 0.1, QuantOption(2, 8, "fp16", 64, 256), "int")
+    packed.codes.fill_(0xFF)  # every code 3
+    assert torch.isnan(packed.dequantize()).all()

@@ -51,10 +51,9 @@ out["coalora_modules"] = sorted(name for name in sys.modules if name.startswith(
 print(json.dumps(out))
 """
 
-#: coalora modules an nf/int artifact's load, predict and generate never need (quantizing, allocating,
+#: coalora modules an nf/int artifact's load, predict and generate never need (error tables, allocating,
 #: llama.cpp's types): each costs a cold start milliseconds of imports
 QUANTIZE_ONLY = (
-    "coalora.quant.fused",
     "coalora.quant.error_table",
     "coalora.quant.families.gguf_family",
     "coalora.quant.gguf_kernels",

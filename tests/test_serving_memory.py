@@ -16,7 +16,7 @@ from coalora.deploy.export import export
 from coalora.deploy.layout import ADAPTER_FILE
 from coalora.deploy.loaded import load
 from coalora.errors import CoaloraError
-from coalora.quant import dequantize, quantizer
+from coalora.quant import dequantize, fused, quantizer
 from coalora.quant.options import OPTION_SPACE
 from coalora.quant.quantizer import fake_quantize, quantize
 from tests.tiny_models import untrained_task
@@ -68,9 +68,14 @@ def test_a_failed_rewrite_leaves_no_staging_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["full.safetensors"]  # the staging copy is gone
 
 
-def test_serving_dequantizes_without_the_quantizers_scratch():
-    """A thread that only dequantizes (a served packed model) holds 6 bytes a weight of one chunk, not the
-    quantizer's ~15 bytes a weight of its larger chunk; the values stay fake_quantize's, bit for bit."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_serving_dequantizes_without_the_quantizers_scratch(compiled, monkeypatch):
+    """A thread that only dequantizes (a served packed model) holds at most 6 bytes a weight of one chunk
+    (the numpy path; nothing with the compiled loop), not the quantizer's ~15 bytes a weight of its larger
+    chunk; the values stay fake_quantize's, bit for bit."""
+    if compiled and quantizer.compiled_kernel(torch.device("cpu")) is None:
+        pytest.skip("no compiled kernel on this machine")
+    monkeypatch.setattr(fused, "ENABLED", compiled)
     w = torch.randn(1536, 384, generator=torch.Generator().manual_seed(1)) * 0.02
     option = OPTION_SPACE[200]
     packed, expected = quantize(w, option, "nf"), fake_quantize(w, option, "nf")
@@ -80,17 +85,19 @@ def test_serving_dequantizes_without_the_quantizers_scratch():
         out = torch.empty(packed.padded_numel)
         seen["equal"] = torch.equal(packed.dequantize(out), expected)
         seen["quantizer_scratch"] = getattr(quantizer._CPU_WORK, "work", None)
-        scratch = dequantize._CPU_SCRATCH.scratch
-        seen["scratch_bytes"] = sum(
-            t.numel() * t.element_size() for t in (scratch.codes, scratch.index, scratch.words)
-        )
+        scratch = getattr(dequantize._CPU_SCRATCH, "scratch", None)
+        held = () if scratch is None else (scratch.codes, scratch.index, scratch.words)
+        seen["scratch_bytes"] = sum(t.numel() * t.element_size() for t in held)
 
     thread = threading.Thread(target=serve)
     thread.start()
     thread.join()
     assert seen["equal"] is True
     assert seen["quantizer_scratch"] is None
-    assert 0 < seen["scratch_bytes"] <= 6 * dequantize.DEQUANT_CHUNK + 8
+    if compiled:
+        assert seen["scratch_bytes"] == 0
+    else:
+        assert 0 < seen["scratch_bytes"] <= 6 * dequantize.DEQUANT_CHUNK + 8
     assert w.numel() > dequantize.DEQUANT_CHUNK  # the matrix took several chunks
 
 

@@ -1,10 +1,11 @@
 """Packed codes back to float32 weights (:meth:`PackedTensor.dequantize` of the nf and int families).
 
 Serving runs this on every forward of a packed layer (:class:`~coalora.nn.packed_lora.PackedLoRALinear`),
-so what it keeps between calls is resident for the life of a served model. It needs the codes, their int32
-copy (``index_select``'s index) and an int64 scratch word per eight codes: 6 bytes a weight of a chunk,
-kept per thread in :data:`DEQUANT_CHUNK`-weight pieces, not the quantizer's 15-byte-a-weight scratch
-(~4 MB at its chunk), which a model that only serves never needs.
+so its speed is a served model's latency and what it keeps between calls stays resident. On CPU the
+compiled loop of :mod:`coalora.quant.fused` runs where it is built (one pass, nothing kept). The numpy path,
+its fallback with the same bits, needs the codes, their int32 copy (``index_select``'s index) and an int64
+scratch word per eight codes: 6 bytes a weight of a chunk, kept per thread in :data:`DEQUANT_CHUNK`-weight
+pieces, not the quantizer's 15-byte-a-weight scratch (~4 MB at its chunk), which serving never needs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 import numpy
 import torch
 
-from coalora.quant.codebooks import Array, NearestLookup, unpack_codes, uses_numpy
-from coalora.quant.quantizer import PackedTensor
+from coalora.quant.codebooks import CODE_FAMILIES, Array, NearestLookup, unpack_codes, uses_numpy
+from coalora.quant.quantizer import PackedTensor, compiled_kernel
 from coalora.quant.scales import RowScaler
 
 #: Weights per chunk on CPU (~0.8 MB of scratch per thread): large enough that per-chunk dispatch stays a
@@ -72,6 +73,10 @@ def blocked_dequantize(packed: PackedTensor, out: torch.Tensor | None = None) ->
         if wrong or out.numel() < packed.padded_numel:
             raise ValueError(f"dequantize needs float32 space for {packed.padded_numel} values on {device}")
         out = out.reshape(-1)[: packed.padded_numel].view(n_blocks, block)
+    kernel = compiled_kernel(device) if packed.family in CODE_FAMILIES else None
+    if kernel is not None:  # the compiled loop: one pass, no scratch (~4x the numpy path's speed)
+        kernel.dequantize(packed.codes, bits, levels, packed.scales().contiguous(), out)
+        return out.view(-1)[: packed.numel].view(packed.shape)
     scale = RowScaler(out, packed.scales())
     stream = packed.codes.numpy() if uses_numpy(device) else packed.codes
     rows = min(n_blocks, max(1, DEQUANT_CHUNK // block)) if device.type == "cpu" else n_blocks

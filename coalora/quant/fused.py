@@ -59,8 +59,9 @@ _SIGNATURES: dict[str, tuple[list, type | None]] = {
     "coalora_absmax": ([_P, _I, _I, _P], ctypes.c_int),
     "coalora_scale2": ([_P, _I, _I, _P], None),
     "coalora_quantize": ([_P, _I, _I, _P, *[_I] * 5, _P, _F, _F, *[_P] * 8], ctypes.c_int),
+    "coalora_dequantize": ([_P, _I, _I, _I, _P, _P, _P], ctypes.c_int),
 }
-_VERSION = 2
+_VERSION = 3
 #: the second-level dtypes as the kernel numbers them
 SCALE2_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2}
 #: packed codes, packed scale codes, second-level scales, offset, dense values (or None)
@@ -104,6 +105,24 @@ class Search:
         return Search(0, lookup.half_bins, float(lookup.last_bin), tables)
 
 
+_TABLES: dict[tuple[int, bytes], torch.Tensor] = {}
+
+
+def _code_table(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """``levels`` padded with NaN to one entry per ``bits``-bit code and to 16: a codebook may have fewer
+    (the symmetric integer one), and the kernel indexes it by any code and reads 16 entries at once, never
+    past its end; a code no codebook level has comes out NaN, not as a neighbouring value."""
+    if levels.dtype != torch.float32 or levels.is_cuda or levels.numel() > 2**bits:
+        raise ValueError(f"the fused kernel needs at most {2**bits} float32 levels on the CPU")
+    key = (bits, levels.contiguous().numpy().tobytes())  # by value: at most 256 levels
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.full((max(2**bits, 16),), math.nan)  # 16: the kernel's AVX2 path reads two registers
+        table[: levels.numel()] = levels
+        table = _TABLES.setdefault(key, table)
+    return table
+
+
 def _int32(words: torch.Tensor) -> torch.Tensor:
     """Unsigned 32-bit words (held in int64) as int32 with the same bits."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -120,7 +139,7 @@ def _contiguous(tensor: torch.Tensor, size: int, what: str) -> None:
 
 
 class Kernel:
-    """The built library: block absmax and the fused pass, over flat float32 CPU tensors."""
+    """The built library: block absmax, the fused pass and dequantization, over flat CPU tensors."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         for name, (arguments, result) in _SIGNATURES.items():
@@ -169,6 +188,29 @@ class Kernel:
         if done > 0:
             return None
         return codes, scale_codes[: -(-n_blocks * scale_bits // 8)], scale2, offset, values
+
+    def dequantize(
+        self, codes: torch.Tensor, bits: int, levels: torch.Tensor, scales: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Fill the (n_blocks, block) float32 ``out`` with ``levels[code] * scale`` from packed ``codes``,
+        as :func:`~coalora.quant.dequantize.blocked_dequantize`'s numpy path does (one float32 scale per
+        block in ``scales``)."""
+        n_blocks, block = out.shape
+        _contiguous(out.view(-1), n_blocks * block, "the output")
+        _contiguous(scales, n_blocks, "one scale per block")
+        table = _code_table(levels, bits)
+        if (
+            codes.dtype != torch.uint8
+            or not codes.is_contiguous()
+            or codes.is_cuda
+            or codes.numel() < n_blocks * block * bits // 8
+        ):
+            raise ValueError(f"the fused kernel needs {n_blocks * block * bits // 8} bytes of codes")
+        done = self.library.coalora_dequantize(
+            codes.data_ptr(), n_blocks, block, bits, table.data_ptr(), scales.data_ptr(), out.data_ptr()
+        )
+        if done != 0:
+            raise ValueError(f"the fused kernel has no dequantize pass for {bits} bits, blocks of {block}")
 
     def scale2(self, values: torch.Tensor, dtype: str) -> torch.Tensor:
         """``values`` (finite, >= 0) stored in the second-level ``dtype`` as the kernel stores them."""

@@ -265,11 +265,67 @@ Kernel kernel(int64_t bits, int64_t block, int64_t count) {
     return nullptr;
 }
 
+// Blocks [0, n_blocks) of `block` codes (BITS-bit, eight codes packed little-endian into BITS bytes) to
+// levels[code] * scales[b]: one float32 product each, rounded as numpy's float32 multiply. levels holds at
+// least 16 entries (the AVX2 path reads two registers of it) and one per code.
+template <int BITS>
+void dequantize_blocks(const uint8_t* packed, int64_t n_blocks, int64_t block, const float* levels,
+                       const float* scales, float* out) {
+    constexpr uint64_t mask = (uint64_t{1} << BITS) - 1;
+#ifdef __AVX2__
+    if constexpr (BITS <= 4) {  // eight codes fit 32 bits: shift them into lanes, look up in registers
+        const __m256 low = _mm256_loadu_ps(levels), high = _mm256_loadu_ps(levels + 8);  // 16 entries
+        const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS,
+                                                 7 * BITS);
+        const __m256i lane_mask = _mm256_set1_epi32(static_cast<int>(mask));
+        for (int64_t b = 0; b < n_blocks; ++b) {
+            const __m256 scale = _mm256_set1_ps(scales[b]);
+            const uint8_t* source = packed + b * block / 8 * BITS;
+            float* target = out + b * block;
+            for (int64_t i = 0; i < block; i += 8) {
+                uint32_t word = 0;
+                std::memcpy(&word, source + i / 8 * BITS, BITS);
+                const __m256i code = _mm256_and_si256(
+                    _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), lane_mask);
+                const __m256 level = BITS == 4 ? lookup16(low, high, code) : _mm256_permutevar8x32_ps(low, code);
+                _mm256_storeu_ps(target + i, _mm256_mul_ps(level, scale));
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const float scale = scales[b];
+        const uint8_t* source = packed + b * block / 8 * BITS;
+        float* target = out + b * block;
+        for (int64_t i = 0; i < block; i += 8) {
+            uint64_t word = 0;
+            std::memcpy(&word, source + i / 8 * BITS, BITS);
+            for (int k = 0; k < 8; ++k) target[i + k] = levels[(word >> (BITS * k)) & mask] * scale;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int coalora_version() { return 2; }
+int coalora_version() { return 3; }
+
+// A packed tensor's values, as PackedTensor.dequantize's numpy path computes them: n_blocks * block
+// floats into out from n_blocks * block * bits / 8 bytes of codes, the codebook's levels and one float32
+// scale per block. Returns 0, or -1 for a bit width or block size it was not built for.
+int coalora_dequantize(const uint8_t* packed, int64_t n_blocks, int64_t block, int64_t bits,
+                       const float* levels, const float* scales, float* out) {
+    if (block % 8 != 0) return -1;
+    switch (bits) {
+        case 2: dequantize_blocks<2>(packed, n_blocks, block, levels, scales, out); return 0;
+        case 3: dequantize_blocks<3>(packed, n_blocks, block, levels, scales, out); return 0;
+        case 4: dequantize_blocks<4>(packed, n_blocks, block, levels, scales, out); return 0;
+        case 8: dequantize_blocks<8>(packed, n_blocks, block, levels, scales, out); return 0;
+        default: return -1;
+    }
+}
 
 // out[b] = max |w| over block b (n weights, the last block zero-padded). Returns 0, or -1 for a block size
 // it was not built for.

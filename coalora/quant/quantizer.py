@@ -174,10 +174,15 @@ def block_absmax(weight: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _kernel(weight: torch.Tensor) -> fused.Kernel | None:
-    """The compiled pass, where it runs: on CPU, with the numpy path on, once built."""
-    from coalora.quant import fused  # quantizing only: a model that serves packed weights never needs it
+    return compiled_kernel(weight.device)
 
-    return fused.kernel(_agrees) if fused.ENABLED and uses_numpy(weight.device) else None
+
+def compiled_kernel(device: torch.device) -> fused.Kernel | None:
+    """The compiled passes (quantize, dequantize), where they run: on CPU, with the numpy path on, once
+    built (imported on first use: loading an artifact needs neither the module nor the library)."""
+    from coalora.quant import fused
+
+    return fused.kernel(_agrees) if fused.ENABLED and uses_numpy(device) else None
 
 
 def compiled(weight: torch.Tensor) -> bool:
@@ -374,5 +379,13 @@ def _agrees(kernel: fused.Kernel) -> bool:
         if parts is None or not all(
             a is not None and _same(a, b) for a, b in zip(parts, wanted, strict=True)
         ):
+            return False
+        packed = PackedTensor(tuple(weight.shape), option, family, *parts[:4])
+        out = torch.empty(packed.n_blocks, option.block)
+        scales = packed.scales().contiguous()
+        kernel.dequantize(
+            packed.codes, bits, NearestLookup.build(bits, family, weight.device).levels, scales, out
+        )
+        if not _same(out.view(-1)[: weight.numel()], wanted[4]):
             return False
     return True
