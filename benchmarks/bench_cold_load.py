@@ -65,6 +65,27 @@ def _status_mb() -> dict[str, float]:
     return {k: int(v.split()[0]) / 1024 for k, _, v in lines if k in keys} | {"time": time.time()}
 
 
+def _by_mapping(folder: str) -> dict[str, float]:
+    """Resident MiB by what backs it (/proc/self/smaps): the model's own files (under ``folder``), shared
+    libraries' pages, other files, and anonymous memory (heap, stacks, unnamed mappings)."""
+    folder = str(Path(folder).resolve())
+    found = dict.fromkeys(("model_files", "libraries", "other_files", "anonymous"), 0.0)
+    kind = "anonymous"
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            path = fields[5] if len(fields) > 5 and fields[5].startswith("/") else ""
+            kind = (
+                "anonymous" if not path
+                else "model_files" if path.startswith(folder)
+                else "libraries" if ".so" in Path(path).name
+                else "other_files"
+            )  # fmt: skip
+        elif fields and fields[0] == "Rss:":
+            found[kind] += int(fields[1]) / 1024
+    return found
+
+
 def probe(mode: str, folder: str, spawned: float, threads: int) -> None:
     """One script in this fresh process (``--probe``); prints its readings as one JSON line.
 
@@ -85,6 +106,7 @@ def probe(mode: str, folder: str, spawned: float, threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     readings["imports"] = _status_mb()
+    mappings = {"imports": _by_mapping(folder)}
     if mode == "fp32":
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
         readings["load"] = _status_mb()
@@ -100,6 +122,7 @@ def probe(mode: str, folder: str, spawned: float, threads: int) -> None:
         model = deployed.model
     readings["predict"] = _status_mb()
     first_prediction_s = time.time() - spawned
+    mappings["predict"] = _by_mapping(folder)
     with torch.no_grad():
         _ = [t.max() for t in [*model.parameters(), *model.buffers()] if t.numel()]  # max: no upcast
     readings["resident"] = _status_mb()
@@ -108,6 +131,9 @@ def probe(mode: str, folder: str, spawned: float, threads: int) -> None:
         json.dumps(
             {
                 "readings": readings,
+                "predict_growth_by_mapping": {
+                    k: v - mappings["imports"][k] for k, v in mappings["predict"].items()
+                },
                 "spawned": spawned,
                 "first_prediction_s": first_prediction_s,
                 "modules": len(sys.modules),
@@ -182,6 +208,10 @@ def summarise(runs: list[dict]) -> dict:
             "first_prediction": seconds("predict", "tokenizer"),
         },
         "growth_over_imports": growth,
+        "predict_growth_by_mapping_mb": {
+            k: median([r["predict_growth_by_mapping"][k] for r in runs])
+            for k in runs[0]["predict_growth_by_mapping"]
+        },
         "peak_mb": median([r["readings"]["predict"]["VmHWM"] for r in runs]),
         "first_prediction_s": median([r["first_prediction_s"] for r in runs]),
         "first_prediction_s_all": [round(r["first_prediction_s"], 2) for r in runs],
