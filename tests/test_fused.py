@@ -331,3 +331,18 @@ def test_a_code_the_codebook_lacks_comes_out_nan():
     packed = quantize(torch.randn(4, 64) * 0.1, QuantOption(2, 8, "fp16", 64, 256), "int")
     packed.codes.fill_(0xFF)  # every code 3
     assert torch.isnan(packed.dequantize()).all()
+
+
+@needs_kernel
+def test_serving_never_waits_for_the_compiler(tmp_path, monkeypatch):
+    """``build=False`` (how dequantization asks) takes a library already built here, and builds none."""
+    source = tmp_path / "stub.cpp"
+    source.write_text(STUB)
+    monkeypatch.setattr(fused, "SOURCE", source)
+    monkeypatch.setattr(fused, "_LOADED", {})
+    monkeypatch.setenv("COALORA_KERNELS", str(tmp_path / "kernels"))
+    assert fused.kernel(lambda k: True, build=False) is None
+    assert not (tmp_path / "kernels").exists() or not list((tmp_path / "kernels").iterdir())
+    assert fused.kernel(lambda k: True) is not None  # quantizing builds it (the refusal was not cached)
+    monkeypatch.setattr(fused, "_LOADED", {})  # a new process
+    assert fused.kernel(lambda k: True, build=False) is not None

@@ -298,9 +298,11 @@ _LOADED: dict[str, Kernel | None] = {}
 _LOADING = threading.Lock()
 
 
-def kernel(check: Callable[[Kernel], bool]) -> Kernel | None:
+def kernel(check: Callable[[Kernel], bool], build: bool = True) -> Kernel | None:
     """The built kernel, or None where it cannot be had (then say why, once). ``check``: whether a freshly
-    built library gives the numpy path's bits; it runs once per build, not per process."""
+    built library gives the numpy path's bits; it runs once per build, not per process. ``build=False``
+    (serving): only a library already built on this machine, so loading a model never waits seconds for
+    the compiler; None otherwise, and a later call may still build it."""
     if not ENABLED:
         return None
     if "kernel" in _LOADED:
@@ -309,6 +311,8 @@ def kernel(check: Callable[[Kernel], bool]) -> Kernel | None:
         if "kernel" in _LOADED:  # another thread loaded it meanwhile
             return _LOADED["kernel"]
         compiler, found = _compiler(), None
+        if not build and (compiler is None or not library_path(compiler).is_file()):
+            return None
         if compiler is None:
             _unavailable("no C++ compiler found; set CXX")
         else:

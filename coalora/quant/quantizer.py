@@ -177,12 +177,12 @@ def _kernel(weight: torch.Tensor) -> fused.Kernel | None:
     return compiled_kernel(weight.device)
 
 
-def compiled_kernel(device: torch.device) -> fused.Kernel | None:
+def compiled_kernel(device: torch.device, build: bool = True) -> fused.Kernel | None:
     """The compiled passes (quantize, dequantize), where they run: on CPU, with the numpy path on, once
-    built (imported on first use: loading an artifact needs neither the module nor the library)."""
-    from coalora.quant import fused
+    built (``build=False``: only if already built here; see :func:`coalora.quant.fused.kernel`)."""
+    from coalora.quant import fused  # imported on first use: reading an artifact does not need it
 
-    return fused.kernel(_agrees) if fused.ENABLED and uses_numpy(device) else None
+    return fused.kernel(_agrees, build) if fused.ENABLED and uses_numpy(device) else None
 
 
 def compiled(weight: torch.Tensor) -> bool:
