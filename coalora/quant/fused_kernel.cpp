@@ -284,7 +284,10 @@ void dequantize_blocks(const uint8_t* packed, int64_t n_blocks, int64_t block, c
             float* target = out + b * block;
             for (int64_t i = 0; i < block; i += 8) {
                 uint32_t word = 0;
-                std::memcpy(&word, source + i / 8 * BITS, BITS);
+                // 3-bit groups: a whole 4-byte load (a 3-byte copy stalls on store forwarding), except
+                // the matrix's last group, whose fourth byte may lie past the codes' end
+                const bool whole = BITS != 3 || b + 1 < n_blocks || i + 8 < block;
+                std::memcpy(&word, source + i / 8 * BITS, whole && BITS == 3 ? 4 : BITS);
                 const __m256i code = _mm256_and_si256(
                     _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts), lane_mask);
                 const __m256 level = BITS == 4 ? lookup16(low, high, code) : _mm256_permutevar8x32_ps(low, code);
