@@ -341,7 +341,12 @@ def test_serving_never_waits_for_the_compiler(tmp_path, monkeypatch):
     monkeypatch.setattr(fused, "SOURCE", source)
     monkeypatch.setattr(fused, "_LOADED", {})
     monkeypatch.setenv("COALORA_KERNELS", str(tmp_path / "kernels"))
+    looked = []
+    real_path = fused.library_path
+    monkeypatch.setattr(fused, "library_path", lambda compiler: looked.append(1) or real_path(compiler))
     assert fused.kernel(lambda k: True, build=False) is None
+    assert fused.kernel(lambda k: True, build=False) is None
+    assert len(looked) == 1  # looked for once: every layer's dequantize asks again
     assert not (tmp_path / "kernels").exists() or not list((tmp_path / "kernels").iterdir())
     assert fused.kernel(lambda k: True) is not None  # quantizing builds it (the refusal was not cached)
     monkeypatch.setattr(fused, "_LOADED", {})  # a new process

@@ -302,17 +302,21 @@ def kernel(check: Callable[[Kernel], bool], build: bool = True) -> Kernel | None
     """The built kernel, or None where it cannot be had (then say why, once). ``check``: whether a freshly
     built library gives the numpy path's bits; it runs once per build, not per process. ``build=False``
     (serving): only a library already built on this machine, so loading a model never waits seconds for
-    the compiler; None otherwise, and a later call may still build it."""
+    the compiler; None otherwise (looked for once per process), and a later call may still build it."""
     if not ENABLED:
         return None
     if "kernel" in _LOADED:
         return _LOADED["kernel"]
+    if not build and "unbuilt" in _LOADED:
+        return None
     with _LOADING:
         if "kernel" in _LOADED:  # another thread loaded it meanwhile
             return _LOADED["kernel"]
-        compiler, found = _compiler(), None
+        compiler = _compiler()
         if not build and (compiler is None or not library_path(compiler).is_file()):
+            _LOADED["unbuilt"] = None
             return None
+        found = None
         if compiler is None:
             _unavailable("no C++ compiler found; set CXX")
         else:
