@@ -4,6 +4,7 @@
     python benchmarks/pretrain_tiny_lm.py                      # once: runs/tiny-llama-sst2 (flat loss)
     python benchmarks/lm_rounding.py --seeds 42 --only fp qlora@2.1   # the gap check first
     python benchmarks/lm_rounding.py                           # every cell, seeds 42 43 44, resumable
+    python benchmarks/lm_rounding.py --collect                 # the table (and gap check) from the rows
 
 Cells (chosen before running, as on MiniLM): ``fp-nearest`` / ``fp-gptq`` (one fp-LoRA run, each
 configuration rounded at evaluation), ``qlora@<b>`` (one QLoRA run per budget, nearest),
@@ -148,6 +149,30 @@ def markdown(summary: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gap_check(rows: list[dict]) -> dict:
+    """Item 7's check that the model has a real quantization gap: QLoRA trained and served at 2.1 bits over
+    fp-LoRA unquantized, per seed (bar: >= 1.1), beside fp-LoRA served at 2.1 bits by rounding to nearest."""
+
+    def ppl(cell: str, label: str, seed: int) -> float | None:
+        found = [r["ppl"] for r in rows if r["cell"] == cell and r["label"] == label and r["seed"] == seed]
+        return found[0] if found else None
+
+    per_seed = {}
+    for seed in sorted({r["seed"] for r in rows}):
+        fp, qlora, rtn = (
+            ppl("fp-nearest", "fp", seed),
+            ppl("qlora@2.1", "2.1", seed),
+            ppl("fp-nearest", "2.1", seed),
+        )
+        if fp and qlora:
+            per_seed[seed] = {
+                "qlora_over_fp": round(qlora / fp, 4),
+                "fp_nearest_over_fp": round(rtn / fp, 4) if rtn else None,
+            }
+    ratios = [v["qlora_over_fp"] for v in per_seed.values()]
+    return {"per_seed": per_seed, "bar": 1.1, "met": bool(ratios) and min(ratios) >= 1.1}
+
+
 def write(rows: list[dict]) -> dict:
     summary = summarise(rows)
     result = {
@@ -157,6 +182,7 @@ def write(rows: list[dict]) -> dict:
         "pretraining": json.loads((REPO / MODEL / "train_log.json").read_text()).get("flatness"),
         "data": "train: WikiText-2 valid (minus 64 search blocks); report: WikiText-2 test, first "
         f"{EVAL_BLOCKS} blocks of 128 tokens",
+        "gap_check": gap_check(rows),
         "summary": summary,
         "rows": sorted(rows, key=lambda r: (r["cell"], r["seed"], r["kind"], r["label"])),
     }
@@ -170,7 +196,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS))
     parser.add_argument("--only", nargs="*", default=None, help="cells (fp-gptq, qlora@2.1, ...)")
+    parser.add_argument(
+        "--collect", action="store_true", help="rewrite the outputs from their rows; run nothing"
+    )
     args = parser.parse_args()
+    if args.collect:
+        print(markdown(write(json.loads(OUT.read_text())["rows"])["summary"]))
+        return
     if not (REPO / MODEL).is_dir():
         raise SystemExit(f"{MODEL} does not exist; run `python benchmarks/pretrain_tiny_lm.py` first")
     unknown = sorted(set(args.only or []) - set(CELLS))
