@@ -58,6 +58,12 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
     #: added after recipe 2's first seed (seed 42: worse than fp-gptq and QLoRA at every budget), to see
     #: whether distillation is what hurts on the decoder: recipe 2 without it (exploratory, seed 42)
     "coalora-frozen-gptq": ("coalora-frozen-gptq", [*FROZEN, "--model.rounding", "gptq"], "gptq"),
+    #: its mapper control (added with it, before running): the same training with the mapper off
+    "shared-trainset-gptq": (
+        "shared-trainset-gptq",
+        [*FROZEN, "--model.rounding", "gptq", "--model.use_mapper", "false"],
+        "gptq",
+    ),
     "shared-trainset-gptq-distill": (
         "shared-trainset-gptq-distill",
         [*RECIPE2, "--model.use_mapper", "false"],
