@@ -94,12 +94,12 @@ def train(name: str, flags: list[str], root: Path, seed: int) -> dict:
     return record
 
 
-def random_configs() -> list[Path]:
-    """The random evaluation configurations, drawn once (fixed seed) for the tiny LLaMA's matrices."""
-    folder = HERE / "random"
+def random_configs(folder: Path = HERE / "random", count: int = RANDOM_COUNT) -> list[Path]:
+    """``count`` random configurations over RANDOM_RANGE bits for the tiny LLaMA's matrices, drawn once
+    (fixed seed) and kept in ``folder``."""
     files = sorted(folder.glob("random-*.json"))
-    if len(files) == RANDOM_COUNT:
-        return files
+    if len(files) >= count:
+        return files[:count]
     import torch
 
     from coalora.pretrained import load_causal_lm
@@ -111,7 +111,7 @@ def random_configs() -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     low, high = RANDOM_RANGE
     found: list[Path] = []
-    while len(found) < RANDOM_COUNT:
+    while len(found) < count:
         config = space.random_near(low + (high - low) * float(torch.rand(1, generator=generator)), generator)
         if low <= space.avg_bits(config) <= high:
             path = folder / f"random-{len(found):02d}.json"
@@ -121,18 +121,23 @@ def random_configs() -> list[Path]:
 
 
 def evaluate(record: dict, root: Path, randoms: list[Path]) -> list[dict]:
-    """WikiText-2 test perplexity of one run at every configuration it serves; an earlier eval.json is
-    reused only when it was written under the same flags, checkpoint and qconfig files."""
-    folder = root / record["name"].replace("@", "_") / "eval"
+    """WikiText-2 test perplexity of one run at every configuration it serves (bf16)."""
     flags = ["--split", "test", "--precision", "bf16"]
     if not record["name"].startswith(("fp", "qlora")):
         flags += ["--budgets", *map(str, BUDGETS), "--qconfig", *map(str, randoms)]
+    return evaluate_in(record, root / record["name"].replace("@", "_"), flags, record["name"])
+
+
+def evaluate_in(record: dict, run_folder: Path, flags: list[str], label: str) -> list[dict]:
+    """``coalora evaluate`` of ``record``'s checkpoint with ``flags`` into ``run_folder/eval``; an earlier
+    eval.json is reused only when it was written under the same flags, checkpoint and qconfig files."""
+    folder = run_folder / "eval"
 
     def run() -> None:
         command = [sys.executable, "-m", "coalora.cli", "evaluate", "--ckpt", record["ckpt"]]
-        print(f"[eval] {record['name']}", flush=True)
+        print(f"[eval] {label}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
-        _run([*command, "--out", str(folder), *flags], folder.parent / "eval.log")
+        _run([*command, "--out", str(folder), *flags], run_folder / "eval.log")
 
     return evaluate_once(folder, record["ckpt"], flags, run)
 
@@ -171,19 +176,29 @@ def _mean_std(values: list[float]) -> list[float]:
     ]
 
 
-def markdown(summary: dict[str, dict]) -> str:
+def markdown(
+    summary: dict[str, dict], first: str = "method", randoms: int = RANDOM_COUNT, fp_column: bool = False
+) -> str:
+    """The summary as a table; ``fp_column``: the unquantized model in its own column (else an fp run's
+    number fills its budget cells)."""
+
     def cell(value: list[float] | None) -> str:
         return "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
 
     labels = list(map(str, BUDGETS))
-    lines = [
-        "| method | seeds | "
-        + " | ".join(f"ppl@{b}" for b in labels)
-        + " | mean ppl, 10 random | train min/seed |",
-        "| --- " * (4 + len(labels)) + "|",
+    extra = ["unquantized"] if fp_column else []
+    head = [
+        first,
+        "seeds",
+        *(f"ppl@{b}" for b in labels),
+        *extra,
+        f"mean ppl, {randoms} random",
+        "train min/seed",
     ]
+    lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
     for method, s in summary.items():
-        at = [cell(s["ppl"].get(b, s["ppl"].get("fp"))) for b in labels]
+        fill = None if fp_column else s["ppl"].get("fp")
+        at = [cell(s["ppl"].get(b, fill)) for b in labels] + [cell(s["ppl"].get("fp"))] * fp_column
         lines.append(
             f"| {method} | {len(s['seeds'])} | "
             + " | ".join(at)

@@ -22,15 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from eval_reuse import evaluate_once
-from lm_compare import BUDGETS, MODEL, RANDOM_RANGE, RANDOM_SEED, _run, train
+from lm_compare import BUDGETS, MODEL, evaluate_in, random_configs, train
+from lm_compare import markdown as table
+from lm_compare import summarise as summarise_methods
 
 OUT = REPO / "docs" / "bench" / "lm_rounding.json"
 RANDOM_DIR = REPO / "benchmarks" / "lm" / "rounding_random"
@@ -72,90 +72,24 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
 }
 
 
-def random_configs() -> list[Path]:
-    """Random configurations over 2.1-4.0 bits for this model's matrices, drawn once from a fixed seed."""
-    files = sorted(RANDOM_DIR.glob("random-*.json"))
-    if len(files) >= RANDOM_COUNT:
-        return files[:RANDOM_COUNT]
-    import torch
-
-    from coalora.pretrained import load_causal_lm
-    from coalora.quant.qconfig import ConfigSpace
-    from coalora.quant.targets import discover_targets
-
-    space = ConfigSpace(discover_targets(load_causal_lm(str(REPO / MODEL))), model=MODEL)
-    generator = torch.Generator().manual_seed(RANDOM_SEED)
-    RANDOM_DIR.mkdir(parents=True, exist_ok=True)
-    low, high = RANDOM_RANGE
-    found: list[Path] = []
-    while len(found) < RANDOM_COUNT:
-        config = space.random_near(low + (high - low) * float(torch.rand(1, generator=generator)), generator)
-        if low <= space.avg_bits(config) <= high:
-            found.append(RANDOM_DIR / f"random-{len(found):02d}.json")
-            space.save(config, found[-1])
-    return found
-
-
 def evaluate(record: dict, root: Path, cell: str, rounding: str) -> list[dict]:
-    """WikiText-2 test perplexity in fp32, rounded by ``rounding``: a per-budget run at its own budget,
-    any other at every budget and random configuration."""
-    folder = root / cell.replace("@", "_") / "eval"
+    """WikiText-2 test perplexity in fp32 on the first EVAL_BLOCKS blocks, rounded by ``rounding``: a
+    per-budget run at its own budget, any other at every budget and random configuration."""
     flags = ["--split", "test", "--eval-limit", str(EVAL_BLOCKS), "--precision", "32", "--rounding", rounding]
     if not cell.startswith("qlora"):
-        flags += ["--budgets", *map(str, BUDGETS), "--qconfig", *map(str, random_configs())]
-
-    def run() -> None:
-        command = [sys.executable, "-m", "coalora.cli", "evaluate", "--ckpt", record["ckpt"]]
-        print(f"[eval] {cell}", flush=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        _run([*command, "--out", str(folder), *flags], folder.parent / "eval.log")
-
-    return evaluate_once(folder, record["ckpt"], flags, run)
-
-
-def mean_std(values: list[float]) -> list[float]:
-    return [
-        round(statistics.fmean(values), 3),
-        round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
-    ]
+        randoms = random_configs(RANDOM_DIR, RANDOM_COUNT)
+        flags += ["--budgets", *map(str, BUDGETS), "--qconfig", *map(str, randoms)]
+    return evaluate_in(record, root / cell.replace("@", "_"), flags, cell)
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
-    """Per cell: mean ± std over seeds of the perplexity at each budget, of the per-seed mean over the
-    random configurations, and the unquantized model's (fp runs)."""
-    out: dict[str, dict] = {}
-    for cell in dict.fromkeys(r["cell"] for r in rows):
-        mine = [r for r in rows if r["cell"] == cell]
-        seeds = sorted({r["seed"] for r in mine})
-        entry: dict = {"seeds": seeds, "ppl": {}}
-        for label in [*map(str, BUDGETS), "fp"]:
-            values = [r["ppl"] for r in mine if r["label"] == label and r["kind"] != "random"]
-            if values:
-                entry["ppl"][label] = mean_std(values)
-        randoms = [[r["ppl"] for r in mine if r["seed"] == s and r["kind"] == "random"] for s in seeds]
-        entry["random_mean_ppl"] = (
-            mean_std([statistics.fmean(v) for v in randoms if v]) if any(randoms) else None
-        )
-        out[cell] = entry
-    return out
+    """lm_compare's per-method summary (mean ± std over seeds at each budget, of the per-seed random means,
+    train minutes per seed), one method per cell."""
+    return summarise_methods([{**r, "method": r["cell"], "run": r["cell"]} for r in rows])
 
 
 def markdown(summary: dict[str, dict]) -> str:
-    def cell(value: list[float] | None) -> str:
-        return "-" if value is None else f"{value[0]:.2f} ± {value[1]:.2f}"
-
-    labels = list(map(str, BUDGETS))
-    lines = [
-        "| cell | seeds | " + " | ".join(f"ppl@{b}" for b in labels) + " | unquantized | mean ppl, random |"
-    ]
-    lines.append("| --- " * (4 + len(labels)) + "|")
-    for name, s in summary.items():
-        at = [cell(s["ppl"].get(b)) for b in labels]
-        lines.append(
-            f"| {name} | {len(s['seeds'])} | " + " | ".join(at) + f" | {cell(s['ppl'].get('fp'))} | "
-            f"{cell(s['random_mean_ppl'])} |"
-        )
-    return "\n".join(lines) + "\n"
+    return table(summary, first="cell", randoms=RANDOM_COUNT, fp_column=True)
 
 
 def gap_check(rows: list[dict]) -> dict:
