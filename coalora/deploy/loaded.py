@@ -136,7 +136,7 @@ def packed_model(artifact: Artifact) -> nn.Module:
     for a target (its ``nn.Linear`` weight only ever exists on the meta device)."""
     with quiet_transformers(), _parameters_on_meta(), _no_initialisation():
         model = _auto_class(artifact).from_config(artifact.hf_config)
-    model.tie_weights()  # in case skipping the initialisation skipped the tying too
+    model.tie_weights()  # skipping the initialisation skips the tying too (tied LM heads)
     names = _check_targets(model, artifact)
     shared = _shared_parameters(model)
     built = model.state_dict(keep_vars=True)
