@@ -351,3 +351,26 @@ def test_serving_never_waits_for_the_compiler(tmp_path, monkeypatch):
     assert fused.kernel(lambda k: True) is not None  # quantizing builds it (the refusal was not cached)
     monkeypatch.setattr(fused, "_LOADED", {})  # a new process
     assert fused.kernel(lambda k: True, build=False) is not None
+
+
+@pytest.mark.parametrize("family", ["nf", "int"])
+def test_an_8_bit_bin_entry_gives_the_nearest_level_either_side_of_its_midpoint(family):
+    """The 8-bit pass reads each bin's {midpoints below, midpoint, level below, level above} in one load:
+    for values just below and just above every bin's midpoint, the entry's code and level are
+    NearestLookup's answer and the codebook's level of that code."""
+    from coalora.quant.codebooks import codebook, nearest_codes
+
+    entries = fused.Search.of(8, family).tables[2]
+    levels = codebook(8, family).float()
+    below, midpoint = entries[:, 0].contiguous().view(torch.int32).long(), entries[:, 1]
+    inside = torch.isfinite(midpoint)
+    assert inside.sum() > 100  # most bins of an 8-bit codebook hold a midpoint
+    for side in (
+        torch.nextafter(midpoint[inside], torch.tensor(-2.0)),
+        torch.nextafter(midpoint[inside], torch.tensor(2.0)),
+    ):
+        bins = torch.nonzero(inside).squeeze(1)
+        code = below[bins] + (side > midpoint[bins]).long()
+        level = torch.where(side > midpoint[bins], entries[bins, 3], entries[bins, 2])
+        assert torch.equal(code, nearest_codes(side, 8, family).long())
+        assert torch.equal(level, levels[code])

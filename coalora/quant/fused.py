@@ -61,7 +61,7 @@ _SIGNATURES: dict[str, tuple[list, type | None]] = {
     "coalora_quantize": ([_P, _I, _I, _P, *[_I] * 5, _P, _F, _F, *[_P] * 8], ctypes.c_int),
     "coalora_dequantize": ([_P, _I, _I, _I, _P, _P, _P], ctypes.c_int),
 }
-_VERSION = 3
+_VERSION = 4
 #: the second-level dtypes as the kernel numbers them
 SCALE2_KINDS = {"fp32": 0, "bf16": 1, "fp16": 2}
 #: packed codes, packed scale codes, second-level scales, offset, dense values (or None)
@@ -75,7 +75,7 @@ class Search:
     count: int  # > 0: midpoints compared one by one; 0: NearestLookup's bins; -1: bins as 4-bit fields
     half_bins: float
     last_bin: float
-    tables: tuple[torch.Tensor | None, ...]  # thresholds, lower (int32), midpoint, levels
+    tables: tuple[torch.Tensor | None, ...]  # thresholds, lower (int32 4-bit fields), bin entries, levels
 
     @property
     def addresses(self) -> list[int | None]:
@@ -101,8 +101,26 @@ class Search:
             return Search(
                 -1, lookup.half_bins, float(lookup.last_bin), (padded, _int32(words), None, lookup.levels)
             )
-        tables = (None, lower.to(torch.int32), lookup.midpoint, lookup.levels)
-        return Search(0, lookup.half_bins, float(lookup.last_bin), tables)
+        return Search(
+            0,
+            lookup.half_bins,
+            float(lookup.last_bin),
+            (None, None, _bin_entries(lookup, lower), lookup.levels),
+        )
+
+
+def _bin_entries(lookup: NearestLookup, lower: torch.Tensor) -> torch.Tensor:
+    """The kernel's four float32 entries per bin (COUNT == 0): the midpoints below it (int32 bits), its
+    midpoint (+inf if none), the level of a value at or below that midpoint and of one above it. Built
+    as int32 bits, so no float copy can touch them."""
+    assert lookup.midpoint is not None
+    levels, inside = lookup.levels, torch.isfinite(lookup.midpoint)
+    above = torch.where(inside, lower + 1, lower).clamp(max=levels.numel() - 1)
+    columns = [lower, lookup.midpoint, levels[lower], levels[above]]
+    bits = [
+        c.to(torch.int32) if c.dtype != torch.float32 else c.contiguous().view(torch.int32) for c in columns
+    ]
+    return torch.stack(bits, 1).contiguous().view(torch.float32)
 
 
 _TABLES: dict[tuple[int, bytes], torch.Tensor] = {}

@@ -42,8 +42,10 @@ void absmax_blocks(const float* w, int64_t n, float* out) {
 
 // How a block's normalised weights become codes (COUNT, a template argument, picks the way):
 // - COUNT > 0: count the midpoints below each value, one compare each (up to 7 of them);
-// - COUNT == 0: the bin lookup of codebooks.NearestLookup: a bin on a uniform grid over [-1, 1], the
-//   midpoints below it (lower) and the one midpoint inside it (midpoint, +inf if none);
+// - COUNT == 0: the bin lookup of codebooks.NearestLookup: a bin on a uniform grid over [-1, 1], then
+//   the bin's four entries (bins): the midpoints below it, the one midpoint inside it (+inf if none),
+//   the level of a value below that midpoint and of one above it. One 16-byte load a weight brings all
+//   four, where separate tables cost three gathers (lower, midpoint, level) per eight weights;
 // - COUNT < 0 (codes of 4 bits, at most 64 bins): the same bins, the midpoints below each bin packed four
 //   bits a bin into eight 32-bit words, and the one compare against the next midpoint up (thresholds, 16
 //   entries padded with +inf): it is the bin's own midpoint if it has one, and above the bin if not.
@@ -51,9 +53,10 @@ struct Search {
     const float* thresholds;  // COUNT > 0: the midpoints; COUNT < 0: the midpoints and +inf, 16 in all
     float half_bins;          // bins: position = x * half_bins + half_bins, clipped to [0, last_bin]
     float last_bin;
-    const int32_t* lower;     // COUNT == 0: midpoints below each bin, null for the bin number itself;
-                              // COUNT < 0: the same, as 4-bit fields (bin b: word b / 8, bits 4 * (b % 8))
-    const float* midpoint;    // COUNT == 0: the midpoint inside each bin, else +inf
+    const int32_t* lower;     // COUNT < 0: midpoints below each bin as 4-bit fields (bin b: word b / 8,
+                              // bits 4 * (b % 8)); else unused
+    const float* bins;        // COUNT == 0: per bin {midpoints below (int32 bits), midpoint inside or
+                              // +inf, level below it, level above it}; else unused
     const float* levels;      // the codebook, by code
 };
 
@@ -76,9 +79,10 @@ inline uint8_t code_of(float x, const Search& s) {
         const int below = (s.lower[bin >> 3] >> (4 * (bin & 7))) & 15;
         return static_cast<uint8_t>(below + (x > s.thresholds[below]));
     } else {
-        const int bin = bin_of(x, s);
-        const int below = s.lower ? s.lower[bin] : bin;
-        return static_cast<uint8_t>(below + (x > s.midpoint[bin]));
+        const float* entry = s.bins + 4 * bin_of(x, s);
+        int32_t below;
+        std::memcpy(&below, entry, 4);
+        return static_cast<uint8_t>(below + (x > entry[1]));
     }
 }
 
@@ -313,7 +317,7 @@ void dequantize_blocks(const uint8_t* packed, int64_t n_blocks, int64_t block, c
 
 extern "C" {
 
-int coalora_version() { return 3; }
+int coalora_version() { return 4; }
 
 // A packed tensor's values, as PackedTensor.dequantize's numpy path computes them: n_blocks * block
 // floats into out from n_blocks * block * bits / 8 bytes of codes, the codebook's levels and one float32
@@ -355,7 +359,7 @@ void coalora_scale2(const float* x, int64_t n, int64_t kind, void* out) {
 int coalora_quantize(const float* w, int64_t n, int64_t block, const float* absmax, int64_t block2,
                      int64_t scale_bits, int64_t scale2_kind, int64_t bits, int64_t count,
                      const float* thresholds, float half_bins, float last_bin, const int32_t* lower,
-                     const float* midpoint, const float* levels, void* scale2, float* offset,
+                     const float* bins, const float* levels, void* scale2, float* offset,
                      uint8_t* scale_codes, uint8_t* packed, float* dense) {
     const Kernel run = kernel(bits, block, count);
     if (run == nullptr) return -1;
@@ -388,7 +392,7 @@ int coalora_quantize(const float* w, int64_t n, int64_t block, const float* absm
     *offset = low;
     const Job job{w, n, absmax, n_blocks, block2, low, steps.data(), top, codes.data(), scales.data(),
                   packed, dense};
-    const Search search{thresholds, half_bins, last_bin, lower, midpoint, levels};
+    const Search search{thresholds, half_bins, last_bin, lower, bins, levels};
     run(job, search, 0, n_blocks);
     for (size_t i = 0; i < codes.size(); i += 8) {  // the scale codes' bit stream
         uint64_t word = 0;

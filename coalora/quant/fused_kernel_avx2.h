@@ -12,6 +12,15 @@ inline __m256 lookup16(__m256 low, __m256 high, __m256i i) {
                             _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
 }
 
+// bin_of for eight values
+inline __m256i bins8(__m256 x, const Search& s) {
+    const __m256 half_bins = _mm256_set1_ps(s.half_bins);
+    __m256 position = _mm256_add_ps(_mm256_mul_ps(x, half_bins), half_bins);
+    position = _mm256_min_ps(_mm256_max_ps(position, _mm256_setzero_ps()), _mm256_set1_ps(s.last_bin));
+    return _mm256_cvttps_epi32(position);
+}
+
+// COUNT > 0 and COUNT < 0 (see Search)
 template <int COUNT>
 inline __m256i codes8(__m256 x, const Search& s, const __m256* thresholds, __m256i nibbles) {
     const auto above = [&x](__m256 t) { return _mm256_castps_si256(_mm256_cmp_ps(x, t, _CMP_GT_OQ)); };
@@ -19,20 +28,30 @@ inline __m256i codes8(__m256 x, const Search& s, const __m256* thresholds, __m25
         __m256i code = _mm256_setzero_si256();
         for (int t = 0; t < COUNT; ++t) code = _mm256_sub_epi32(code, above(thresholds[t]));  // true is -1
         return code;
-    } else {
-        const __m256 half_bins = _mm256_set1_ps(s.half_bins);
-        __m256 position = _mm256_add_ps(_mm256_mul_ps(x, half_bins), half_bins);
-        position = _mm256_min_ps(_mm256_max_ps(position, _mm256_setzero_ps()), _mm256_set1_ps(s.last_bin));
-        const __m256i bin = _mm256_cvttps_epi32(position);
-        if constexpr (COUNT < 0) {  // the bin's 4-bit field, then one compare (see Search)
-            const __m256i word = _mm256_permutevar8x32_epi32(nibbles, _mm256_srli_epi32(bin, 3));
-            const __m256i shift = _mm256_slli_epi32(_mm256_and_si256(bin, _mm256_set1_epi32(7)), 2);
-            const __m256i below = _mm256_and_si256(_mm256_srlv_epi32(word, shift), _mm256_set1_epi32(15));
-            return _mm256_sub_epi32(below, above(lookup16(thresholds[0], thresholds[1], below)));
-        }
-        const __m256i below = s.lower ? _mm256_i32gather_epi32(s.lower, bin, 4) : bin;
-        return _mm256_sub_epi32(below, above(_mm256_i32gather_ps(s.midpoint, bin, 4)));
+    } else {  // the bin's 4-bit field, then one compare
+        const __m256i bin = bins8(x, s);
+        const __m256i word = _mm256_permutevar8x32_epi32(nibbles, _mm256_srli_epi32(bin, 3));
+        const __m256i shift = _mm256_slli_epi32(_mm256_and_si256(bin, _mm256_set1_epi32(7)), 2);
+        const __m256i below = _mm256_and_si256(_mm256_srlv_epi32(word, shift), _mm256_set1_epi32(15));
+        return _mm256_sub_epi32(below, above(lookup16(thresholds[0], thresholds[1], below)));
     }
+}
+
+// COUNT == 0: each lane's bin entry (one 16-byte load), transposed into four vectors; the code is the
+// midpoints below plus one if above the bin's midpoint, and its level the entry's level below or above.
+inline __m256i codes_and_levels8(__m256 x, const Search& s, __m256& level) {
+    alignas(32) int32_t bin[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(bin), bins8(x, s));
+    const auto entries = [&s, &bin](int a, int b) {
+        return _mm256_set_m128(_mm_loadu_ps(s.bins + 4 * bin[b]), _mm_loadu_ps(s.bins + 4 * bin[a]));
+    };
+    const __m256 r0 = entries(0, 4), r1 = entries(1, 5), r2 = entries(2, 6), r3 = entries(3, 7);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 below = _mm256_shuffle_ps(t0, t2, 0x44), midpoint = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 up = _mm256_cmp_ps(x, midpoint, _CMP_GT_OQ);
+    level = _mm256_blendv_ps(_mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE), up);
+    return _mm256_sub_epi32(_mm256_castps_si256(below), _mm256_castps_si256(up));  // true is -1
 }
 
 // 32 codes (four vectors of int32, in order) packed into 32 * BITS / 8 bytes at out.
@@ -98,12 +117,12 @@ void quantize_avx2(const Job& job, const Search& s, int64_t first, int64_t stop)
             const __m256 positive = _mm256_cmp_ps(scale, _mm256_setzero_ps(), _CMP_GT_OQ);
             const __m256 divisor = _mm256_blendv_ps(_mm256_set1_ps(1.0f), scale, positive);
             const __m256 x = _mm256_div_ps(_mm256_loadu_ps(w + at), divisor);
-            code[v] = codes8<COUNT>(x, s, thresholds, nibbles);
+            __m256 level;
+            if constexpr (COUNT == 0) code[v] = codes_and_levels8(x, s, level);
+            else code[v] = codes8<COUNT>(x, s, thresholds, nibbles);
             if constexpr (DENSE) {
-                __m256 level;
                 if constexpr (BITS == 4) level = lookup16(levels_low, levels_high, code[v]);
                 else if constexpr (BITS < 4) level = _mm256_permutevar8x32_ps(levels_low, code[v]);
-                else level = _mm256_i32gather_ps(s.levels, code[v], 4);
                 _mm256_storeu_ps(dense + at, _mm256_mul_ps(level, scale));
             }
         }
