@@ -118,10 +118,27 @@ CELLS["coalora-frozen-gptq-distill-actw"] = (
     [*CELLS["coalora-frozen-gptq-distill"][1], "--model.error_weighting", "activation"],
     "gptq",
 )
+#: the recommended recipe trained where it is served (added 2026-12-07, session g, before running; an
+#: attempt at bar 2): the frozen set the other CoA-LoRA cells train on is allocated at 2.25, 2.35, ...,
+#: 7.15 bits, so 8 of its 50 configurations lie in the served 2.1-3.0 range and none at 2.1. Here the 50
+#: training budgets are 2.11, 2.13, ..., 3.09 (one every 0.02 bits, none an evaluation budget), nothing else
+#: changed; its mapper control is the same flags with the mapper off
+SERVED_RANGE = "[" + ", ".join(f"{2.11 + 0.02 * i:.2f}" for i in range(50)) + "]"
+CELLS["coalora-frozen-gptq-distill-served"] = (
+    "coalora-frozen-gptq-distill-served",
+    [*CELLS["coalora-frozen-gptq-distill"][1], "--model.train_budgets", SERVED_RANGE],
+    "gptq",
+)
+CELLS["shared-trainset-gptq-distill-served"] = (
+    "shared-trainset-gptq-distill-served",
+    [*CELLS["shared-trainset-gptq-distill"][1], "--model.train_budgets", SERVED_RANGE],
+    "gptq",
+)
 #: cells with the mapper and their exact controls (the same flags with ``use_mapper: false``)
 MAPPER_PAIRS = {
     "frozen-gptq": ("coalora-frozen-gptq", "shared-trainset-gptq"),
     "distill": ("coalora-frozen-gptq-distill", "shared-trainset-gptq-distill"),
+    "served": ("coalora-frozen-gptq-distill-served", "shared-trainset-gptq-distill-served"),
 }
 #: cells trained for two epochs (the warm start's 100 + 100 steps, at equal steps)
 TWO_EPOCHS = {"fp2-gptq"}
@@ -291,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {**SETTINGS, "precision": "fp32", "budgets": list(BUDGETS), "random": 20},
             "cells": cells(everything),
             "rows": everything,
+            "comparisons": comparisons(everything),
         }
         OUT.write_text(json.dumps(report, indent=1) + "\n")  # after every seed: partial results survive
         print(json.dumps(report["cells"], indent=1), flush=True)
