@@ -120,10 +120,11 @@ CELLS["coalora-frozen-gptq-distill-actw"] = (
 )
 #: the recommended recipe trained where it is served (added 2026-12-07, session g, before running; an
 #: attempt at bar 2): the frozen set the other CoA-LoRA cells train on is allocated at 2.25, 2.35, ...,
-#: 7.15 bits, so 8 of its 50 configurations lie in the served 2.1-3.0 range and none at 2.1. Here the 50
-#: training budgets are 2.11, 2.13, ..., 3.09 (one every 0.02 bits, none an evaluation budget), nothing else
-#: changed; its mapper control is the same flags with the mapper off
-SERVED_RANGE = "[" + ", ".join(f"{2.11 + 0.02 * i:.2f}" for i in range(50)) + "]"
+#: 7.15 bits, so 8 of its 50 configurations lie in the 2.1-3.0 bits of the five budgets and none at 2.1.
+#: Here the 50 training budgets span what the regime serves (budgets 2.1-3.0, random configurations
+#: 2.3-3.5 bits): 2.110, 2.138, ..., 3.482, nothing else changed. Evaluation configurations a run trained
+#: on are marked seen by evaluate; its mapper control is the same flags with the mapper off
+SERVED_RANGE = "[" + ", ".join(f"{2.11 + 0.028 * i:.3f}" for i in range(50)) + "]"
 CELLS["coalora-frozen-gptq-distill-served"] = (
     "coalora-frozen-gptq-distill-served",
     [*CELLS["coalora-frozen-gptq-distill"][1], "--model.train_budgets", SERVED_RANGE],
