@@ -1,10 +1,8 @@
-"""Adapt and export: artifacts, loading, in-process switching, PEFT interop and every bad input."""
+"""Adapt and export: artifacts, loading, in-process switching, PEFT interop and other methods' exports."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,112 +16,24 @@ from coalora.deploy.sizes import packed_nbytes
 from coalora.errors import CoaloraError
 from coalora.pretrained import load_tokenizer
 from coalora.quant.options import QuantOption
-from coalora.quant.qconfig import QConfig
 from coalora.quant.quantizer import fake_quantize
 from coalora.quant.targets import target_weights
 from coalora.tasks.checkpoint import load_task
-
-TEXTS = ["a gripping , funny and moving film", "the plot is thin and the acting is wooden and far too long"]
-ATOL = 1e-5
-
+from tests.export_setup import (  # noqa: F401 (fixtures)
+    ATOL,
+    TEXTS,
+    _method_ckpt,
+    artifact_dir,
+    batch,
+    ckpt,
+    config,
+    module,
+    module_logits,
+    other_config,
+    workdir,
+)
 
 pytestmark = pytest.mark.usefixtures("module_cache")
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("export")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_models_dir, glue_dir, workdir) -> Path:
-    """A CoA-LoRA checkpoint trained 3 steps, with B and the mapper's last layer moved far from zero."""
-    import lightning as L
-
-    from coalora.data.glue_datamodule import GLUEDataModule
-    from coalora.tasks.classification import ClassificationTask
-
-    torch.manual_seed(0)
-    name = str(tiny_models_dir / "tiny-bert")
-    module = ClassificationTask(model_name=name, rank=4, train_budgets=[2.5, 3.5, 5.0], eval_budgets=[3.0])
-    data = GLUEDataModule(
-        task="sst2",
-        model_name=name,
-        glue_dir=str(glue_dir),
-        train_file=str(glue_dir / "sst2" / "sentence" / "stsa.binary.train"),
-        train_limit=32,
-        eval_limit=16,
-        batch_size=8,
-        search_size=0,
-    )
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=workdir,
-    )
-    trainer.fit(module, data)
-    with torch.no_grad():  # M != I and B != 0, so the fold really matters; a larger head shows it in logits
-        torch.nn.init.normal_(module.model.mapper.net[-1].weight, std=0.05)
-        for layer in module.model.layers:
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        torch.nn.init.normal_(module.model.backbone.classifier.weight, std=1.0)
-    path = workdir / "coalora.ckpt"
-    trainer.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def module(ckpt):
-    return load_task(ckpt)
-
-
-@pytest.fixture(scope="module")
-def config(module) -> QConfig:
-    return module.eval_configs["3.0"]
-
-
-@pytest.fixture(scope="module")
-def other_config(module, config) -> QConfig:
-    """A second configuration (no allocator run): every matrix at 4-bit NF with fp16 scales."""
-    return module.model.space.uniform(QuantOption(4, 8, "fp16", 32, 64))
-
-
-@pytest.fixture(scope="module")
-def batch(module) -> dict:
-    tokenizer = load_tokenizer(module.hparams.model_name)
-    return dict(tokenizer(TEXTS, padding=True, return_tensors="pt"))
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(module, workdir) -> Path:
-    out = workdir / "artifact-3.0"
-    export(module, out, budget=3.0)
-    return out
-
-
-@torch.no_grad()
-def module_logits(module, batch: dict, config: QConfig | None) -> torch.Tensor:
-    return module(batch, config)
-
-
-def _method_ckpt(path: Path, model_name: str, method: str, **kwargs) -> Path:
-    """A checkpoint of another method, built without training (B made non-zero so the adapter matters)."""
-    from coalora.tasks.classification import ClassificationTask
-
-    torch.manual_seed(1)
-    module = ClassificationTask(model_name=model_name, method=method, rank=4, **kwargs)
-    with torch.no_grad():
-        for layer in module.model.layers:
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------- artifact logits
@@ -315,171 +225,6 @@ def test_peft_export_runs_in_plain_peft_with_the_same_logits(module, config, bat
     assert any("classifier" in k for k in keys) and sum("lora_A" in k for k in keys) == len(
         module.model.space
     )
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_adapt_prints_sizes_and_timings(ckpt, workdir, capsys):
-    from coalora.cli import main
-
-    assert main(["adapt", "--ckpt", str(ckpt), "--budget", "3.0", "--out", str(workdir / "cli")]) == 0
-    out = capsys.readouterr().out
-    assert "quantized" in out and "mapper" in out and "load checkpoint" in out
-    assert load(workdir / "cli").avg_bits == pytest.approx(3.0, abs=1e-3)
-
-
-@pytest.mark.parametrize(
-    ("extra", "message"),
-    [
-        (["--max-bytes", "12parsecs"], "is not a byte count"),
-        ([], "choose one with --budget, --qconfig or --max-bytes"),
-        (["--budget", "1.0"], "outside the achievable range"),
-    ],
-)
-def test_cli_bad_input_is_one_line(ckpt, workdir, capsys, extra, message):
-    from coalora.cli import main
-
-    assert main(["adapt", "--ckpt", str(ckpt), "--out", str(workdir / "bad"), *extra]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not (workdir / "bad").exists()
-
-
-# ------------------------------------------------------------------------------------------ bad configs
-
-
-def _mangled(config: QConfig, how: str) -> dict:
-    data = config.to_json()
-    names = list(data["matrices"])
-    if how == "backbone":
-        data["model"] = "roberta-large"
-    elif how == "missing":
-        del data["matrices"][names[0]]
-    else:
-        data["matrices"]["bert.encoder.layer.9.attention.self.query"] = data["matrices"][names[0]]
-    return data
-
-
-@pytest.mark.parametrize(
-    ("how", "message"),
-    [
-        ("backbone", "written for backbone 'roberta-large'"),
-        ("missing", "is missing target module"),
-        ("extra", "does not have"),
-    ],
-)
-def test_bad_qconfig_is_refused(module, config, workdir, how, message):
-    path = workdir / f"bad-{how}.json"
-    path.write_text(json.dumps(_mangled(config, how)))
-    with pytest.raises(CoaloraError, match=message):
-        export(module, workdir / f"out-{how}", qconfig=path)
-    assert not (workdir / f"out-{how}").exists()
-
-
-# --------------------------------------------------------------------------------------- bad artifacts
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
-def test_truncated_safetensors_is_refused(artifact_dir, tmp_path):
-    folder = _copy(artifact_dir, tmp_path / "a")
-    path = folder / QUANTIZED_FILE
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CoaloraError, match=r"quantized.safetensors' has .* expected \(truncated\?\)"):
-        load(folder)
-    # even when the metadata is edited to agree, safetensors' own check fails with a one-line error
-    meta = json.loads((folder / METADATA_FILE).read_text())
-    meta["files"][QUANTIZED_FILE]["bytes"] = path.stat().st_size
-    (folder / METADATA_FILE).write_text(json.dumps(meta))
-    with pytest.raises(CoaloraError, match=r"quantized\.safetensors cannot be read"):
-        load(folder, verify=False)
-
-
-def test_broken_metadata_json_is_refused(artifact_dir, tmp_path):
-    folder = _copy(artifact_dir, tmp_path / "a")
-    (folder / METADATA_FILE).write_text('{"format": "coalora.artifact/1", ')
-    with pytest.raises(CoaloraError, match="is not valid JSON"):
-        load(folder)
-
-
-def test_flipped_byte_fails_the_checksum(artifact_dir, tmp_path):
-    folder = _copy(artifact_dir, tmp_path / "a")
-    data = bytearray((folder / ADAPTER_FILE).read_bytes())
-    data[-1] ^= 0xFF
-    (folder / ADAPTER_FILE).write_bytes(bytes(data))
-    with pytest.raises(CoaloraError, match="does not match its checksum"):
-        load(folder)
-
-
-@pytest.mark.parametrize(
-    ("file", "key"),
-    [
-        (QUANTIZED_FILE, "bert.encoder.layer.1.output.dense.scale2"),
-        (ADAPTER_FILE, "bert.encoder.layer.0.attention.self.key.lora_B"),
-        (FULL_PRECISION_FILE, "bert.embeddings.LayerNorm.weight"),
-    ],
-)
-def test_missing_tensor_is_refused(artifact_dir, tmp_path, file, key):
-    from safetensors.torch import load_file, save_file
-
-    folder = _copy(artifact_dir, tmp_path / "a")
-    tensors = load_file(folder / file)
-    del tensors[key]
-    save_file(tensors, folder / file)
-    meta = json.loads((folder / METADATA_FILE).read_text())
-    meta["files"][file]["bytes"] = (folder / file).stat().st_size
-    (folder / METADATA_FILE).write_text(json.dumps(meta))
-    with pytest.raises(CoaloraError, match=f"misses tensor '{key}'|tensor '{key}' is missing"):
-        load(folder, verify=False)
-
-
-def test_not_an_artifact(tmp_path):
-    with pytest.raises(CoaloraError, match="does not exist"):
-        load(tmp_path / "nowhere")
-    with pytest.raises(CoaloraError, match="is not a coalora artifact"):
-        load(tmp_path)
-
-
-# ------------------------------------------------------------------------------ output folder handling
-
-
-def test_existing_foreign_folder_is_never_clobbered(module, tmp_path):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "thesis.tex").write_text("precious")
-    with pytest.raises(CoaloraError, match="is not a coalora export"):
-        export(module, out, budget=3.0)
-    assert (out / "thesis.tex").read_text() == "precious" and len(list(out.iterdir())) == 1
-
-
-def test_failure_midway_leaves_no_partial_artifact(module, tmp_path):
-    class Exploding:
-        def save_pretrained(self, folder: Path) -> None:
-            (Path(folder) / "half.json").write_text("{")
-            raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        export(module, tmp_path / "out", budget=3.0, tokenizer=Exploding())
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_failed_reexport_keeps_the_previous_artifact(module, artifact_dir, tmp_path):
-    out = _copy(artifact_dir, tmp_path / "out")
-
-    class Exploding:
-        def save_pretrained(self, folder: Path) -> None:
-            raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        export(module, out, budget=3.0, tokenizer=Exploding())
-    assert sorted(os.listdir(out)) == sorted(os.listdir(artifact_dir))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # -------------------------------------------------------------------------------------- other methods
