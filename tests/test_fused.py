@@ -374,3 +374,19 @@ def test_an_8_bit_bin_entry_gives_the_nearest_level_either_side_of_its_midpoint(
         level = torch.where(side > midpoint[bins], entries[bins, 3], entries[bins, 2])
         assert torch.equal(code, nearest_codes(side, 8, family).long())
         assert torch.equal(level, levels[code])
+
+
+def test_every_header_the_kernel_includes_is_hashed_and_shipped():
+    """A header missing from HEADERS would leave a stale library in use after an edit; one missing from
+    the package data would fail the build on an installed copy (the numpy path would then run, slowly)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    included = set()
+    for source in (fused.SOURCE, *fused.HEADERS):
+        included |= set(re.findall(r'#include "([^"]+)"', source.read_text()))
+    assert included == {header.name for header in fused.HEADERS}
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = set(project["tool"]["setuptools"]["package-data"]["coalora.quant"])
+    assert {fused.SOURCE.name, *included} <= shipped

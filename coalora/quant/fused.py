@@ -49,7 +49,7 @@ from coalora.quant.options import TORCH_DTYPES, QuantOption
 ENABLED = os.environ.get("COALORA_FUSED", "1") != "0"
 SOURCE = Path(__file__).with_name("fused_kernel.cpp")
 #: files the source includes (a change in any of them is a new library)
-HEADERS = (Path(__file__).with_name("fused_kernel_avx2.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("fused_kernel_avx2.h", "fused_dequantize.h"))
 #: no -ffast-math: every float32 step must round as numpy's does; no contraction into fused multiply-adds
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno")
 
