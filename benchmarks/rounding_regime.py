@@ -283,7 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--collect", action="store_true", help="only rebuild the JSON from finished runs")
     args = parser.parse_args(argv)
     if args.collect:
-        rows = collected_rows()
+        # the runs found here replace their rows; rows of runs this machine lacks (runs/ is not committed)
+        # are kept from the JSON, so collecting on a fresh checkout never drops a cell
+        found = collected_rows()
+        fresh = {(r["method"], r["seed"], r["label"]) for r in found}
+        old = json.loads(OUT.read_text())["rows"] if OUT.is_file() else []
+        rows = [r for r in old if (r["method"], r["seed"], r["label"]) not in fresh] + found
         report = {
             "command": "python benchmarks/rounding_regime.py --collect",
             "settings": {**SETTINGS, "precision": "fp32", "budgets": list(BUDGETS), "random": 20},
