@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cold_switch import issue_25
 from common import sst2_batch, write_result
+from proc_memory import reset_peak, status_kb
 
 from coalora.deploy.adaptive import AdaptiveModel
 from coalora.deploy.export import export
@@ -189,12 +190,6 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
     )
 
 
-def _status_kb() -> dict[str, int]:
-    """This process's resident set (VmRSS, its peak VmHWM, anonymous and file-backed parts) in kB."""
-    lines = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
-    return {k: int(v.split()[0]) for k, _, v in lines if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
-
-
 #: loads measured in fresh subprocesses: the artifact packed and dequantized (with its tokenizer, as
 #: ``coalora.load`` reads it) and ``from_pretrained`` of the fp32 model, alone and with a tokenizer
 RSS_MODES = ("packed", "packed_fp16_embeddings", "dequantized", "fp32", "fp32_and_tokenizer")
@@ -222,9 +217,9 @@ def probe(mode: str, folder: str) -> None:
         BertForSequenceClassification(tiny).eval()(input_ids=ids, attention_mask=mask)
         quantize(torch.randn(64, 64), QuantOption(3, 8, "fp16", 64, 256)).dequantize()
     gc.collect()
-    with contextlib.suppress(OSError):  # reset the peak: VmHWM is this process's from here (Linux >= 4.0)
-        Path("/proc/self/clear_refs").write_text("5")
-    readings = [_status_kb()]
+    with contextlib.suppress(OSError):  # reset the peak: VmHWM is this process's from here
+        reset_peak()
+    readings = [status_kb()]
     start = time.perf_counter()
     if mode.startswith("fp32"):  # ``kept`` holds what stays alive beside the model: the tokenizer, if any
         model = load_classifier(DEFAULT_MODEL, num_labels=2).eval()
@@ -233,13 +228,13 @@ def probe(mode: str, folder: str) -> None:
         kept = load(folder, dequantize=mode == "dequantized")  # the DeployedModel, its tokenizer included
         model = kept.model
     seconds = time.perf_counter() - start
-    readings.append(_status_kb())
+    readings.append(status_kb())
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
         gc.collect()
-        readings.append(_status_kb())
+        readings.append(status_kb())
         _ = [t.max() for t in [*model.parameters(), *model.buffers()] if t.numel()]  # max: no upcast
-    readings.append(_status_kb())
+    readings.append(status_kb())
     before = readings[0]
     growth = [{k: (r[k] - before[k]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")} for r in readings[1:]]
     peak = (readings[-1]["VmHWM"] - before["VmRSS"]) * 1024

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_memory import status_kb
+
 REPO = Path(__file__).resolve().parents[1]
 
 MODES = ("packed", "packed_fp16_embeddings", "fp32")
@@ -61,9 +63,7 @@ RSS_BARS = (
 
 def _status_mb() -> dict[str, float]:
     """VmRSS, its peak VmHWM and the anonymous and file-backed parts, in MiB, and the clock (``time``)."""
-    lines = (line.partition(":") for line in Path("/proc/self/status").read_text().splitlines())
-    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
-    return {k: int(v.split()[0]) / 1024 for k, _, v in lines if k in keys} | {"time": time.time()}
+    return {k: kb / 1024 for k, kb in status_kb().items()} | {"time": time.time()}
 
 
 def _by_mapping(folder: str) -> dict[str, float]:

@@ -42,13 +42,12 @@ from bench_adapt import adapt_latency
 from bench_quantizer import absmax_int4
 from bench_step import step_configs, train_step
 from common import sst2_batch, step_settings, write_result
+from proc_memory import reset_peak, status_kb
 
 from coalora.pretrained import DEFAULT_MODEL, load_tokenizer
 from coalora.quant.options import NF4_DOUBLE_QUANT
 from coalora.quant.quantizer import fake_quantize
 from coalora.tasks.classification import ClassificationTask
-
-PROC_SELF = Path("/proc/self")  # the kernel's view of this process (Linux): RSS and its resettable peak
 
 # name -> (method, configurations per step, one backward per configuration)
 RUNS: dict[str, tuple[str, int, bool]] = {
@@ -73,12 +72,7 @@ def _autocast(precision: str):
 
 def _rss_mb(field: str) -> float:
     """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
-    if not PROC_SELF.is_dir():
-        raise SystemExit("throughput.py measures memory through /proc/self (Linux); run it on Linux")
-    for line in (PROC_SELF / "status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    return status_kb((field,))[field] / 1024
 
 
 def memory_of(name: str, args: argparse.Namespace) -> dict:
@@ -94,7 +88,7 @@ def memory_of(name: str, args: argparse.Namespace) -> dict:
             for config in module.train_configs:
                 module.model.set_config(config)
         resident = _rss_mb("VmRSS")
-        (PROC_SELF / "clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        reset_peak()  # VmHWM from the current RSS
         for _ in range(args.memory_steps):  # the first step also creates the optimiser state
             train_step(module, optimizer, batch, step_configs(module, k, generator), per_config)
         peak = _rss_mb("VmHWM")
