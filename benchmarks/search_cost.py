@@ -131,7 +131,10 @@ def _polled_cpu(folder: Path) -> float | None:
 
 
 def collect() -> dict:
-    seeds = {}
+    """Every finished seed here, plus the committed JSON's seeds whose runs are not on this machine (runs
+    are never committed: a later session must not drop an earlier one's rows)."""
+    committed = REPO / "docs" / "bench" / "search_cost.json"
+    seeds = json.loads(committed.read_text()).get("seeds", {}) if committed.is_file() else {}
     for folder in sorted(ROOT.glob("s*")):
         cells = {name: summary(folder / name) for name in CELLS if (folder / name / "done.json").is_file()}
         if "coalora-frozen" in cells:
@@ -145,8 +148,9 @@ def collect() -> dict:
         if cross.is_file():
             cells["cross_score"] = json.loads(cross.read_text())
         seeds[folder.name] = cells
+    seeds = dict(sorted(seeds.items()))
     return {
-        "command": "python benchmarks/search_cost.py --seed 42",
+        "command": "python benchmarks/search_cost.py --seed 42 (43, 44: the same with --seed)",
         "setting": "low-bit regime, fp32, 100 steps, rounds at steps 25/50/75, 3 runs at once, 1 thread each",
         "machine": {"cpus": os.cpu_count(), "load_avg_at_collect": os.getloadavg()},
         "seeds": seeds,
