@@ -64,6 +64,16 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
         [*FROZEN, "--model.rounding", "gptq", "--model.use_mapper", "false"],
         "gptq",
     ),
+    #: session h, chosen before running: the mapper's capacity control. The mapper on the decoder is worth
+    #: 14 perplexity over mapper off, below even unquantized fp-LoRA: is that configuration-awareness or
+    #: the extra r×r parametrisation? The same cell with the mapper blind to the configuration (it sees
+    #: only which matrix: one learned r×r factor per matrix for every configuration). B·M·A keeps rank r,
+    #: so a higher-rank plain LoRA would test a different thing.
+    "coalora-frozen-gptq-blind": (
+        "coalora-frozen-gptq-blind",
+        [*FROZEN, "--model.rounding", "gptq", "--model.mapper_sees_config", "false"],
+        "gptq",
+    ),
     "shared-trainset-gptq-distill": (
         "shared-trainset-gptq-distill",
         [*RECIPE2, "--model.use_mapper", "false"],

@@ -165,6 +165,8 @@ FIT_CASES = [
     (["--model.distill_weight", "-1"], "distill_weight must be >= 0"),
     (["--model.mapper_lr", "0"], "model.mapper_lr must be"),
     (["--model.mapper_lr", "1e-3", "--model.use_mapper", "false"], "has no mapper here"),
+    (["--model.mapper_sees_config", "false", "--model.use_mapper", "false"], "mapper_sees_config is set"),
+    (["--model.mapper_sees_config", "false", "--model.method", "fp"], "mapper_sees_config is set"),
     (["--model.mapper_hidden", "0"], "model.mapper_hidden"),
     (["--model.code_family", "float"], "code_family"),
     (["--model.code_family", "gguf", "--model.rounding", "gptq"], "gptq does not apply to code_family gguf"),

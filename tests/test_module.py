@@ -114,6 +114,25 @@ def test_checkpoint_is_small_and_restores_exactly(tiny_models_dir, glue_dir, tmp
         assert torch.equal(module(batch, config), restored(batch, config))
 
 
+def test_a_configuration_blind_mapper_survives_the_checkpoint(tiny_models_dir, glue_dir, tmp_path):
+    """mapper_sees_config false (the mapper's capacity control) is restored from the checkpoint: every
+    configuration gets the same trained, non-identity factors, so serving computes what training did."""
+    module = _module(tiny_models_dir, mapper_sees_config=False)
+    trainer = _fit(module, _data(tiny_models_dir, glue_dir), tmp_path)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    restored = ClassificationTask.load_from_checkpoint(tmp_path / "m.ckpt")
+    low, high = (restored.eval_configs[b] for b in ("2.5", "4.0"))
+    assert low != high
+    with torch.no_grad():
+        factors = restored.model.adjustments(low)
+        assert torch.equal(factors, restored.model.adjustments(high))
+        assert torch.equal(factors, module.model.adjustments(high))
+        assert factors.abs().max() > 0
+    seeing = _module(tiny_models_dir)
+    with torch.no_grad():
+        assert not torch.equal(seeing.model.adjustments(low), seeing.model.adjustments(high))
+
+
 def test_checkpoint_from_another_backbone_is_refused(tiny_models_dir, glue_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -30,10 +30,16 @@ class ConfigMapper(nn.Module):
         embed_dim: int = 8,
         hidden: int = 128,
         field_sizes: Sequence[int] = FIELD_SIZES,
+        sees_config: bool = True,
     ) -> None:
-        """``field_sizes``: choices per option field, the code family's (default: the blocked schema's)."""
+        """``field_sizes``: choices per option field, the code family's (default: the blocked schema's).
+        ``sees_config`` False: every option field reads index 0 whatever the configuration, so the output
+        depends only on the matrix (block, type): a configuration-independent r×r factor per matrix, the
+        same network and parameters — the control that tells the mapper's extra parametrisation apart from
+        its configuration-awareness."""
         super().__init__()
         self.rank = rank
+        self.sees_config = sees_config
         self.field_embeddings = nn.ModuleList(nn.Embedding(size, embed_dim) for size in field_sizes)
         self.block_embedding = nn.Embedding(num_blocks, embed_dim)
         self.type_embedding = nn.Embedding(num_types, embed_dim)
@@ -46,6 +52,8 @@ class ConfigMapper(nn.Module):
 
     def forward(self, options: torch.Tensor, blocks: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         """``options`` (N, F) field indices, ``blocks`` (N,), ``types`` (N,) -> D of shape (N, r, r), fp32."""
+        if not self.sees_config:
+            options = torch.zeros_like(options)
         with torch.autocast(device_type=options.device.type, enabled=False):
             parts = [emb(options[:, i]) for i, emb in enumerate(self.field_embeddings)]
             parts += [self.block_embedding(blocks), self.type_embedding(types)]

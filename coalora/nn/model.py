@@ -84,6 +84,7 @@ class CoALoRAModel(nn.Module):
         alpha: float = 16.0,
         dropout: float = 0.0,
         use_mapper: bool = True,
+        mapper_sees_config: bool = True,
         mapper_embed_dim: int = 8,
         mapper_hidden: int = 128,
         code_family: str = "nf",
@@ -121,6 +122,7 @@ class CoALoRAModel(nn.Module):
                 mapper_embed_dim,
                 mapper_hidden,
                 self.space.family.field_sizes,
+                sees_config=mapper_sees_config,
             )
             if use_mapper
             else None

@@ -104,6 +104,7 @@ class CoALoRATask(
         quant_cache_mode: CacheMode = "auto",
         seed: int = 42,
         use_mapper: bool = True,
+        mapper_sees_config: bool = True,
         low_bit_draw: float | None = None,
         distill_weight: float = 0.0,
         backward_per_config: bool = True,
@@ -130,6 +131,8 @@ class CoALoRATask(
             seed: the run's seed (each step's draw of configurations; the data module follows it).
             use_mapper: False switches CoA-LoRA's mapper off (M = I): one shared adapter trained exactly as
                 CoA-LoRA trains, the ablation that isolates the mapper's contribution.
+            mapper_sees_config: False feeds the mapper only which matrix it adjusts, never the
+                configuration: a configuration-independent r×r factor (the mapper's capacity control).
             low_bit_draw: budget-stratified sampling: one of each step's K configurations is drawn from
                 those under this many bits (None: all K uniformly from the training set).
             distill_weight: weight of in-step distillation from the full-precision model (same adapter, no
@@ -156,6 +159,7 @@ class CoALoRATask(
             alpha=alpha,
             dropout=lora_dropout,
             use_mapper=self.method.uses_mapper and use_mapper,
+            mapper_sees_config=mapper_sees_config,
             mapper_embed_dim=mapper_embed_dim,
             mapper_hidden=mapper_hidden,
             code_family=code_family,

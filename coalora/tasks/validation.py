@@ -85,13 +85,13 @@ def check_task_arguments(arguments: Mapping[str, Any]) -> None:
     if low_bit is not None:
         low, high = budget_range(options)
         Bound(low, high).check("model.low_bit_draw", low_bit, "pass a budget in bits, or null to turn it off")
-    if arguments.get("mapper_lr") is not None and not (
-        method.uses_mapper and arguments.get("use_mapper", True)
-    ):
-        raise CoaloraError(
-            f"model.mapper_lr is set but method '{method.name}' has no mapper here (use_mapper false, or a "
-            "method without one); drop mapper_lr"
-        )
+    if not (method.uses_mapper and arguments.get("use_mapper", True)):
+        for name, default in (("mapper_lr", None), ("mapper_sees_config", True)):
+            if arguments.get(name, default) != default:
+                raise CoaloraError(
+                    f"model.{name} is set but method '{method.name}' has no mapper here (use_mapper false, "
+                    f"or a method without one); drop {name}"
+                )
     _check_one_configuration(method.name, arguments.get("train_budget"), arguments.get("qconfig"), options)
 
 
