@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,7 +35,6 @@ from coalora.utils import write_text_atomic
 
 MODES = ("search", "frozen", "random")
 STATE_VERSION = 1
-ARCHIVE_FORMAT = "coalora.search_archive/1"
 
 
 class ParetoConfigSearch(L.Callback):
@@ -337,44 +335,14 @@ class ParetoConfigSearch(L.Callback):
         if trainer.is_global_zero:
             on_front = torch.zeros(len(self.archive), dtype=torch.bool)
             on_front[scored.nonzero().squeeze(1)[front]] = True
-            self._write(Path(folder) / self.archive_file, space, rows, on_front, ref, volume, epoch)
-
-    def _write(
-        self,
-        path: Path,
-        space: ConfigSpace,
-        rows: Tensor,
-        on_front: Tensor,
-        ref: Tensor | None,
-        volume: float,
-        epoch: int,
-    ) -> None:
-        """The archive as JSON, atomically (a temporary file, then ``os.replace``)."""
-        training = set(rows.tolist())
-        entries = []
-        for i in range(len(self.archive)):
-            f1 = float(self.archive.f1[i])
-            f2 = float(self.archive.f2[i])
-            entries.append(
-                {
-                    "qconfig": space.decode(self.archive.encoded[i]).to_json(avg_bits=f2),
-                    "f1": f1 if math.isfinite(f1) else None,
-                    "f2": f2,
-                    "epoch": int(self.archive.epoch[i]),
-                    "training": i in training,
-                    "pareto": bool(on_front[i]),
-                    "rescored": i in self._scored_rows,
-                }
-            )
-        data = {
-            "format": ARCHIVE_FORMAT,
-            "epoch": epoch,
-            "mode": self.mode,
-            "reference_point": None if ref is None else ref.tolist(),
-            "hypervolume": volume,
-            "entries": entries,
-        }
-        write_text_atomic(path, json.dumps(data) + "\n")
+            header = {
+                "epoch": epoch,
+                "mode": self.mode,
+                "reference_point": None if ref is None else ref.tolist(),
+                "hypervolume": volume,
+            }
+            data = self.archive.to_json(space, set(rows.tolist()), on_front, self._scored_rows, header)
+            write_text_atomic(Path(folder) / self.archive_file, json.dumps(data) + "\n")  # atomic
 
     def _check_space(self, space: ConfigSpace) -> None:
         if len(self.archive) and self.archive.encoded.shape[1] != len(space):

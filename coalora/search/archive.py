@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from coalora.quant.qconfig import ConfigSpace
+
+#: the format of the archive file a search round writes (``search_archive.json``)
+ARCHIVE_FORMAT = "coalora.search_archive/1"
 
 
 @dataclass
@@ -48,6 +56,33 @@ class Archive:
         """(n, 2) minimised objectives (f1, f2) of ``rows`` (all by default)."""
         y = torch.stack([self.f1, self.f2], dim=-1)
         return y if rows is None else y[rows]
+
+    def to_json(
+        self,
+        space: ConfigSpace,
+        training: Collection[int],
+        on_front: Tensor,
+        rescored: Collection[int],
+        header: dict,
+    ) -> dict:
+        """The archive as the round's JSON file: ``header`` (epoch, mode, reference point, hypervolume),
+        then one entry per configuration (its qconfig, scores, and whether it trains, is on the front,
+        was scored this round)."""
+        entries = []
+        for i in range(len(self)):
+            f1, f2 = float(self.f1[i]), float(self.f2[i])
+            entries.append(
+                {
+                    "qconfig": space.decode(self.encoded[i]).to_json(avg_bits=f2),
+                    "f1": f1 if math.isfinite(f1) else None,
+                    "f2": f2,
+                    "epoch": int(self.epoch[i]),
+                    "training": i in training,
+                    "pareto": bool(on_front[i]),
+                    "rescored": i in rescored,
+                }
+            )
+        return {"format": ARCHIVE_FORMAT, **header, "entries": entries}
 
     def state_dict(self) -> dict:
         return {"encoded": self.encoded.to(torch.int8), "f1": self.f1, "f2": self.f2, "epoch": self.epoch}
