@@ -1,34 +1,30 @@
-"""The Pareto-based configuration search's Lightning callback (its pure core: test_search_core.py).
-
-Run as a script (``python tests/test_search.py ddp ...``) this file is also the 2-process DDP job the DDP
-test launches.
-"""
+"""The Pareto-based configuration search's Lightning callback (its pure core: test_search_core.py; under
+DDP: test_search_ddp.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import subprocess
-import sys
-from copy import deepcopy
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # when run as the DDP script
-    sys.path.insert(0, str(REPO))
-
 from callbacks import ParetoConfigSearch
 from callbacks.pareto_search import eval_mode
 from coalora.errors import CoaloraError
 from coalora.quant.qconfig import QConfig
-from coalora.search import (
-    candidates,
+from coalora.search import candidates
+from tests.search_setup import (  # noqa: F401  (fixtures are found by name)
+    fresh,
+    one_thread,
+    pristine,
+    set_hash,
+    tiny_bert,
+    tiny_callback,
+    tiny_data,
+    tiny_module,
+    trainer,
 )
 from tests.test_search_core import synthetic_space
 
@@ -56,85 +52,6 @@ def test_eval_mode_restores_every_submodule() -> None:
     with eval_mode(net):
         assert not any(m.training for m in net.modules())
     assert net.training and net[0].training and not net[1].training
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tiny_models_dir, tmp_path_factory) -> str:
-    os.environ["COALORA_CACHE"] = str(tmp_path_factory.mktemp("coalora_cache"))
-    return str(tiny_models_dir / "tiny-bert")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and far faster when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_module(model: str, **overrides):
-    from coalora.tasks.classification import ClassificationTask
-
-    args = {"model_name": model, "rank": 4, "train_budgets": [2.5, 3.5, 5.0], "eval_budgets": [3.0]}
-    return ClassificationTask(**{**args, **overrides})
-
-
-@pytest.fixture(scope="module")
-def pristine(tiny_bert):
-    """One CoA-LoRA module built once (allocation takes seconds); tests train deep copies of it."""
-    return tiny_module(tiny_bert)
-
-
-def fresh(module, lr: float | None = None):
-    copy = deepcopy(module)
-    if lr is not None:
-        copy.hparams.lr = lr
-    return copy
-
-
-def tiny_data(model: str, glue_dir: Path):
-    from coalora.data.glue_datamodule import GLUEDataModule
-
-    return GLUEDataModule(
-        task="sst2",
-        model_name=model,
-        glue_dir=str(glue_dir),
-        train_file=str(Path(glue_dir) / "sst2" / "sentence" / "stsa.binary.train"),
-        train_limit=64,
-        eval_limit=32,
-        batch_size=16,
-        search_size=32,
-    )
-
-
-def tiny_callback(**overrides) -> ParetoConfigSearch:
-    args = {"score_batches": 2, "score_batch_size": 16, "num_starts": 3, "max_steps": 5, "gp_maxiter": 30}
-    # one-epoch runs below exercise a round; the default skips the round after the last epoch
-    return ParetoConfigSearch(**{**args, "final_round": True, **overrides})
-
-
-def trainer(root: Path, callbacks: list, epochs: int, **overrides):
-    import lightning as L
-
-    args = {
-        "max_epochs": epochs,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "limit_val_batches": 0,
-        "default_root_dir": str(root),
-        "callbacks": callbacks,
-    }
-    return L.Trainer(**{**args, **overrides})
-
-
-def set_hash(configs: list[QConfig]) -> str:
-    text = json.dumps([c.to_json() for c in configs], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_one_round_updates_the_set_logs_and_writes_the_archive(pristine, tiny_bert, glue_dir, tmp_path):
@@ -282,81 +199,6 @@ def test_a_round_missing_from_the_checkpoint_runs_once_at_the_next_epoch_start(
     run = trainer(tmp_path / "b", [callback], epochs=2)
     run.fit(fresh(pristine, lr=0.0), tiny_data(tiny_bert, glue_dir), ckpt_path=last)
     assert rounds == [0, 1] and callback.last_round == 1
-
-
-@pytest.mark.slow
-def test_ddp_ranks_train_on_the_same_set(tiny_models_dir, glue_dir, tmp_path) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "COALORA_CACHE": str(tmp_path / "cache"),
-    }
-    command = [
-        sys.executable,
-        __file__,
-        "ddp",
-        str(tiny_models_dir / "tiny-bert"),
-        str(glue_dir),
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["set"] == ranks[1]["set"]
-    assert ranks[0]["archive_f1"] == ranks[1]["archive_f1"]
-    assert ranks[0]["generator"] == ranks[1]["generator"]
-    assert ranks[0]["size"] > 3  # the search did grow the set beyond the three initial configurations
-    # each configuration was scored once, by one rank: the work was split, not repeated
-    assert ranks[0]["scored_here"] > 0 and ranks[1]["scored_here"] > 0
-    assert ranks[0]["scored_here"] + ranks[1]["scored_here"] == ranks[0]["archive_size"]
-
-
-def _ddp_job(model: str, glue_dir: str, out: str) -> None:
-    """One 2-process CPU DDP epoch; every rank writes what it will train on next."""
-    import lightning as L
-
-    import callbacks.pareto_search as pareto_search
-
-    scored: list[int] = []
-    score = pareto_search.mean_loss
-
-    def counting(*args):
-        scored.append(1)
-        return score(*args)
-
-    pareto_search.mean_loss = counting
-    module = tiny_module(model)
-    callback = ParetoConfigSearch(
-        score_batches=2, score_batch_size=16, num_starts=3, max_steps=5, gp_maxiter=30, final_round=True
-    )
-    run = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=out,
-        callbacks=[callback],
-    )
-    run.fit(module, tiny_data(model, Path(glue_dir)))
-    result = {
-        "set": set_hash(module.train_configs),
-        "size": len(module.train_configs),
-        "archive_f1": callback.archive.f1.tolist(),
-        "generator": hashlib.sha256(callback.generator.get_state().numpy().tobytes()).hexdigest(),
-        "scored_here": len(scored),
-        "archive_size": len(callback.archive),
-    }
-    (Path(out) / f"rank{run.global_rank}.json").write_text(json.dumps(result))
-
-
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "ddp":
-    torch.set_num_threads(1)
-    _ddp_job(*sys.argv[2:])
 
 
 def test_no_round_follows_the_last_epoch_and_seen_means_trained_on(pristine, tiny_bert, glue_dir, tmp_path):
