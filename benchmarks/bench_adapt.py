@@ -28,14 +28,11 @@ given non-trivial random weights, since latency does not depend on training) thi
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
 import itertools
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cold_switch import issue_25
 from common import sst2_batch, write_result
-from proc_memory import reset_peak, status_kb
+from serving_rss import RSS_MODES, rss_growth
 
 from coalora.deploy.adaptive import AdaptiveModel
 from coalora.deploy.export import export
@@ -190,79 +187,6 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
     )
 
 
-#: loads measured in fresh subprocesses: the artifact packed and dequantized (with its tokenizer, as
-#: ``coalora.load`` reads it) and ``from_pretrained`` of the fp32 model, alone and with a tokenizer
-RSS_MODES = ("packed", "packed_fp16_embeddings", "dequantized", "fp32", "fp32_and_tokenizer")
-
-
-def probe(mode: str, folder: str) -> None:
-    """One load in this fresh process (``--probe``): RSS growth at three points, as a JSON line.
-
-    Before the first reading, a tiny BERT runs a forward and a tiny matrix is quantized and dequantized,
-    so the library code those kernels page in is not counted as the model's. Readings: after the load;
-    after a forward on 2 x 16 fixed token ids (safetensors files are memory-mapped: weights become
-    resident when first read, so a load alone misses them); and after reading every tensor once (the
-    steady state of a long-served model, whose embedding rows have all been used).
-    """
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from coalora.quant.options import QuantOption
-    from coalora.quant.quantizer import quantize
-
-    torch.set_num_threads(2)
-    ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    tiny = BertConfig(vocab_size=20000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
-    with torch.no_grad():
-        BertForSequenceClassification(tiny).eval()(input_ids=ids, attention_mask=mask)
-        quantize(torch.randn(64, 64), QuantOption(3, 8, "fp16", 64, 256)).dequantize()
-    gc.collect()
-    with contextlib.suppress(OSError):  # reset the peak: VmHWM is this process's from here
-        reset_peak()
-    readings = [status_kb()]
-    start = time.perf_counter()
-    if mode.startswith("fp32"):  # ``kept`` holds what stays alive beside the model: the tokenizer, if any
-        model = load_classifier(DEFAULT_MODEL, num_labels=2).eval()
-        kept: object = AutoTokenizer.from_pretrained(folder) if mode == "fp32_and_tokenizer" else None
-    else:
-        kept = load(folder, dequantize=mode == "dequantized")  # the DeployedModel, its tokenizer included
-        model = kept.model
-    seconds = time.perf_counter() - start
-    readings.append(status_kb())
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-        gc.collect()
-        readings.append(status_kb())
-        _ = [t.max() for t in [*model.parameters(), *model.buffers()] if t.numel()]  # max: no upcast
-    readings.append(status_kb())
-    before = readings[0]
-    growth = [{k: (r[k] - before[k]) * 1024 for k in ("VmRSS", "RssAnon", "RssFile")} for r in readings[1:]]
-    peak = (readings[-1]["VmHWM"] - before["VmRSS"]) * 1024
-    stages = dict(zip(("at_load", "after_forward", "resident"), growth))
-    print(json.dumps({"load_s": seconds, **stages, "peak": peak, "kept": type(kept).__name__}))
-
-
-def _rss_growth(folders: dict[str, Path], reps: int) -> dict:
-    """Median RSS growth (bytes) of each load, each in ``reps`` fresh subprocesses, interleaved;
-    ``folders``: the artifact each mode loads (the fp32 modes read only its tokenizer)."""
-    runs: dict[str, list[dict]] = {mode: [] for mode in RSS_MODES}
-    for _ in range(reps):
-        for mode, found in runs.items():
-            command = [sys.executable, __file__, "--probe", mode, str(folders[mode])]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            found.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    result = {}
-    for mode, found in runs.items():
-        entry = {
-            f"{stage}_{part}": int(statistics.median(r[stage][key] for r in found))
-            for stage in ("at_load", "after_forward", "resident")
-            for part, key in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile"))
-        }
-        entry["peak"] = int(statistics.median(r["peak"] for r in found))
-        result[mode] = {**entry, "load_s": round(statistics.median(r["load_s"] for r in found), 3)}
-    return result
-
-
 def _predict_latency(models: dict[str, torch.nn.Module], inputs: dict, rounds: int) -> dict:
     """Median forward seconds of each model on one batch, 2 threads, rounds interleaved (order rotated)."""
     names, times = list(models), {name: list[float]() for name in models}
@@ -293,7 +217,7 @@ def packed_serving(module: ClassificationTask, tokenizer, rounds: int, rss_reps:
         packed, dense, packed_fp16 = load(out), load(out, dequantize=True), load(narrow)
         fp32 = load_classifier(DEFAULT_MODEL, num_labels=2).eval()
         folders = dict.fromkeys(RSS_MODES, out) | {"packed_fp16_embeddings": narrow}
-        rss = _rss_growth(folders, rss_reps)
+        rss = rss_growth(folders, rss_reps)
     layers = [m for m in packed.model.modules() if isinstance(m, PackedLoRALinear)]
     dequantize_s = []
     with torch.no_grad(), intra_op_threads(2):
@@ -373,11 +297,7 @@ def main() -> None:
     parser.add_argument("--rss-reps", type=int, default=2)
     parser.add_argument("--cold-rounds", type=int, default=7)
     parser.add_argument("--cold-only", action="store_true")
-    parser.add_argument("--probe", nargs=2, metavar=("MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.probe:
-        probe(*args.probe)
-        return
     torch.manual_seed(0)
     start = time.perf_counter()
     module = ClassificationTask(
