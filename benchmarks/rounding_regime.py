@@ -49,13 +49,12 @@ from lowbit_regime import (
     SETTINGS,
     difference,
     gap,
-    markdown,
     mean_std,
     per_seed,
-    plot,
     random_configs,
 )
 from lowbit_regime import cells as lowbit_cells
+from lowbit_report import markdown, plot
 
 OUT = REPO / "docs" / "bench" / "rounding.json"
 FULL = "fp-lora (unquantized)"
@@ -298,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         report["comparisons"] = comparisons(rows)
         OUT.write_text(json.dumps(report, indent=1) + "\n")
         summary = report["cells"]
-        OUT.with_suffix(".md").write_text(markdown(summary, report["comparisons"]))
-        plot(rows, summary, OUT.with_suffix(".png"))
+        OUT.with_suffix(".md").write_text(markdown(summary, report["comparisons"], BUDGETS))
+        plot(rows, summary, OUT.with_suffix(".png"), BUDGETS)
         print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
         return
     old = json.loads(OUT.read_text())["rows"] if OUT.is_file() else []
