@@ -38,6 +38,8 @@ CELLS = {
 }
 FP32 = ["--trainer.precision", "32-true", "--trainer.limit_val_batches", "0"]
 ROOT = REPO / "runs" / "search_cost"
+#: resamples of the search sentences for the hypervolume difference's std (each recomputes two fronts)
+HYPERVOLUME_DRAWS = 200
 
 
 def run(seed: int) -> None:
@@ -80,13 +82,16 @@ def summary(folder: Path) -> dict:
 
 
 def cross_score(seed: int) -> dict:
-    """Both searches' final training sets scored by the rescore-all run's last checkpoint."""
+    """Both searches' final training sets scored by the rescore-all run's last checkpoint, sentence by
+    sentence, so that the difference of their mean f1 comes with its paired bootstrap std over resampled
+    search sentences (the noise of the scoring split; seeds give the noise of training)."""
     import torch
+    from f1_noise import DRAWS, per_sentence_losses
 
     from callbacks.pareto_search import ParetoConfigSearch
     from coalora.quant.qconfig import QConfig
     from coalora.search.pareto import hypervolume, reference_point
-    from coalora.search.scoring import eval_mode, mean_loss
+    from coalora.search.scoring import eval_mode
     from coalora.tasks.checkpoint import load_task
 
     root = ROOT / f"s{seed}"
@@ -100,14 +105,28 @@ def cross_score(seed: int) -> dict:
         datamodule = data
 
     batches = ParetoConfigSearch()._search_batches(Run(), module)
-    points = {}
+    points, per_sentence, losses = {}, {}, {}
     for cell in ("coalora-search", "search-rescore-all"):
         archive = json.loads(next((root / cell).rglob("search_archive.json")).read_text())
         entries = [e for e in archive["entries"] if e["training"]]
         with eval_mode(module):
-            f1 = [mean_loss(module, QConfig.from_json(e["qconfig"]), batches) for e in entries]
-        points[cell] = torch.tensor([[a, e["f2"]] for a, e in zip(f1, entries, strict=True)])
+            losses[cell] = torch.stack(
+                [per_sentence_losses(module, QConfig.from_json(e["qconfig"]), batches) for e in entries]
+            )  # (configurations, sentences)
+        per_sentence[cell] = losses[cell].mean(0)  # the set's mean f1, sentence by sentence
+        f1 = losses[cell].mean(1)
+        points[cell] = torch.tensor([[float(a), e["f2"]] for a, e in zip(f1, entries, strict=True)])
     ref = reference_point(torch.cat(list(points.values())))
+    gap = per_sentence["coalora-search"] - per_sentence["search-rescore-all"]
+    draws = torch.randint(0, len(gap), (DRAWS, len(gap)), generator=torch.Generator().manual_seed(0))
+    volume_gaps = []  # the hypervolume difference under the same resamples (f2 is exact; ref fixed)
+    for draw in draws[:HYPERVOLUME_DRAWS]:
+        resampled = {
+            cell: torch.stack([losses[cell][:, draw].mean(1), points[cell][:, 1]], dim=-1) for cell in points
+        }
+        volume_gaps.append(
+            hypervolume(resampled["coalora-search"], ref) - hypervolume(resampled["search-rescore-all"], ref)
+        )
     return {
         "model": str(ckpt),
         **{
@@ -119,6 +138,13 @@ def cross_score(seed: int) -> dict:
             }
             for cell, y in points.items()
         },
+        "mean_f1_relevant_minus_all": round(float(gap.mean()), 5),
+        "paired_bootstrap_std": round(float(gap[draws].mean(-1).std()), 5),
+        "hypervolume_relevant_minus_all": round(
+            hypervolume(points["coalora-search"], ref) - hypervolume(points["search-rescore-all"], ref), 5
+        ),
+        "hypervolume_paired_bootstrap_std": round(statistics.stdev(volume_gaps), 5),
+        "search_sentences": len(gap),
     }
 
 
