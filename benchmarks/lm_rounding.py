@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -102,6 +103,66 @@ def markdown(summary: dict[str, dict]) -> str:
     return table(summary, first="cell", randoms=RANDOM_COUNT, fp_column=True)
 
 
+#: per-seed differences reported (a − b, perplexity: negative means a is better), each chosen with its cells
+PAIRS = {
+    "mapper on - off": ("coalora-frozen-gptq", "shared-trainset-gptq"),
+    "mapper on - blind": ("coalora-frozen-gptq", "coalora-frozen-gptq-blind"),
+    "blind - off": ("coalora-frozen-gptq-blind", "shared-trainset-gptq"),
+    "blind - fp-gptq": ("coalora-frozen-gptq-blind", "fp-gptq"),
+    "mapper off - fp-gptq": ("shared-trainset-gptq", "fp-gptq"),
+}
+
+
+def _per_seed(rows: list[dict], cell: str) -> dict[int, dict[str, float]]:
+    """seed -> {"2.1": ppl at 2.1 bits, "budgets": mean over the budgets, "random": mean over random}."""
+    out: dict[int, dict[str, float]] = {}
+    for seed in sorted({r["seed"] for r in rows if r["cell"] == cell}):
+        mine = [r for r in rows if r["cell"] == cell and r["seed"] == seed]
+        budgets = [r["ppl"] for r in mine if r["kind"] == "budget"]
+        randoms = [r["ppl"] for r in mine if r["kind"] == "random"]
+        at = [r["ppl"] for r in mine if r["kind"] == "budget" and r["label"] == "2.1"]
+        if len(budgets) == len(BUDGETS) and len(randoms) == RANDOM_COUNT and at:
+            out[seed] = {
+                "2.1": at[0],
+                "budgets": statistics.fmean(budgets),
+                "random": statistics.fmean(randoms),
+            }
+    return out
+
+
+def differences(rows: list[dict]) -> dict[str, dict]:
+    """Each pair's per-seed differences on the seeds both cells ran, with their mean ± std."""
+    result = {}
+    for name, (a, b) in PAIRS.items():
+        first, second = _per_seed(rows, a), _per_seed(rows, b)
+        seeds = sorted(set(first) & set(second))
+        if not seeds:
+            continue
+        entry: dict = {"seeds": seeds}
+        for part in ("2.1", "budgets", "random"):
+            gaps = [first[s][part] - second[s][part] for s in seeds]
+            spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+            entry[part] = {"mean": round(statistics.fmean(gaps), 2), "std": round(spread, 2)}
+            entry[part]["per_seed"] = [round(g, 2) for g in gaps]
+        result[name] = entry
+    return result
+
+
+def differences_markdown(found: dict[str, dict]) -> str:
+    lines = [
+        "",
+        "| a − b (perplexity) | seeds | at 2.1 bits | mean, 4 budgets | mean, 4 random |",
+        "| --- " * 5 + "|",
+    ]
+    for name, entry in found.items():
+        parts = []
+        for part in ("2.1", "budgets", "random"):
+            seeds = " / ".join(f"{g:+.2f}" for g in entry[part]["per_seed"])
+            parts.append(f"{entry[part]['mean']:+.2f} ± {entry[part]['std']:.2f} ({seeds})")
+        lines.append(f"| {name} | {len(entry['seeds'])} | " + " | ".join(parts) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def gap_check(rows: list[dict]) -> dict:
     """Item 7's check that the model has a real quantization gap: QLoRA trained and served at 2.1 bits over
     fp-LoRA unquantized, per seed (bar: >= 1.1), beside fp-LoRA served at 2.1 bits by rounding to nearest."""
@@ -147,11 +208,12 @@ def write(rows: list[dict]) -> dict:
         f"{EVAL_BLOCKS} blocks of 128 tokens",
         "gap_check": gap_check(rows),
         "summary": summary,
+        "differences": differences(rows),
         "rows": sorted(rows, key=lambda r: (r["cell"], r["seed"], r["kind"], r["label"])),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
-    OUT.with_suffix(".md").write_text(markdown(summary))
+    OUT.with_suffix(".md").write_text(markdown(summary) + differences_markdown(result["differences"]))
     return result
 
 
