@@ -75,6 +75,13 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
         [*FROZEN, "--model.rounding", "gptq", "--model.mapper_sees_config", "false"],
         "gptq",
     ),
+    #: session h, chosen after the blind cell's first seed (it matched mapper on): is the r×r factor's
+    #: gain a larger effective step that plain LoRA gets from its learning rate? fp-LoRA at 3× and 10×
+    #: the config's lr (1e-3), both reported, served with GPTQ like fp-gptq
+    **{
+        f"fp-gptq-lr{lr}": (f"fp-lr{lr}", ["--config", "configs/baselines/fp.yaml", "--model.lr", lr], "gptq")
+        for lr in ("3e-3", "1e-2")
+    },
     "shared-trainset-gptq-distill": (
         "shared-trainset-gptq-distill",
         [*RECIPE2, "--model.use_mapper", "false"],
@@ -110,6 +117,10 @@ PAIRS = {
     "blind - off": ("coalora-frozen-gptq-blind", "shared-trainset-gptq"),
     "blind - fp-gptq": ("coalora-frozen-gptq-blind", "fp-gptq"),
     "mapper off - fp-gptq": ("shared-trainset-gptq", "fp-gptq"),
+    "fp-gptq lr 3e-3 - fp-gptq": ("fp-gptq-lr3e-3", "fp-gptq"),
+    "fp-gptq lr 1e-2 - fp-gptq": ("fp-gptq-lr1e-2", "fp-gptq"),
+    "blind - fp-gptq lr 3e-3": ("coalora-frozen-gptq-blind", "fp-gptq-lr3e-3"),
+    "blind - fp-gptq lr 1e-2": ("coalora-frozen-gptq-blind", "fp-gptq-lr1e-2"),
 }
 
 
