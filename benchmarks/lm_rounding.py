@@ -262,7 +262,8 @@ def main() -> None:
                     "train_seconds": record["train_seconds"],
                 }
                 for r in evaluate(record, root, cell, rounding)
-                if r["kind"] != "fp" or cell == "fp-nearest"  # the unquantized model: once per fp run
+                # the unquantized model: once per fp-LoRA run (fp-nearest and fp-gptq share theirs)
+                if r["kind"] != "fp" or cell == "fp-nearest" or cell.startswith("fp-gptq-lr")
             ]
             rows = [r for r in rows if not (r["cell"] == cell and r["seed"] == seed)] + fresh
             write(rows)
