@@ -96,6 +96,12 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
     ),
 }
 
+#: run -> the cell that reports its unquantized perplexity: fp-LoRA runs only, once per run (fp-nearest
+#: and fp-gptq share the run "fp"; the first cell listed reports it)
+UNQUANTIZED_FROM = {
+    name: cell for cell, (name, flags, _) in reversed(CELLS.items()) if "configs/baselines/fp.yaml" in flags
+}
+
 
 def evaluate(record: dict, root: Path, cell: str, rounding: str) -> list[dict]:
     """WikiText-2 test perplexity in fp32 on the first EVAL_BLOCKS blocks, rounded by ``rounding``: a
@@ -272,8 +278,7 @@ def main() -> None:
                     "train_seconds": record["train_seconds"],
                 }
                 for r in evaluate(record, root, cell, rounding)
-                # the unquantized model: once per fp-LoRA run (fp-nearest and fp-gptq share theirs)
-                if r["kind"] != "fp" or cell == "fp-nearest" or cell.startswith("fp-gptq-lr")
+                if r["kind"] != "fp" or UNQUANTIZED_FROM.get(name) == cell
             ]
             rows = [r for r in rows if not (r["cell"] == cell and r["seed"] == seed)] + fresh
             write(rows)

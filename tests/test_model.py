@@ -177,10 +177,8 @@ def test_lqlora_decomposition_beats_plain_quantization():
 def test_a_mapper_blind_to_the_configuration_gives_each_matrix_one_factor_for_every_configuration():
     torch.manual_seed(0)
     seeing, blind = (ConfigMapper(rank=4, num_blocks=2, num_types=3, sees_config=s) for s in (True, False))
+    torch.nn.init.normal_(seeing.net[-1].weight)  # far from the near-zero start, so outputs differ
     blind.load_state_dict(seeing.state_dict())  # the same parameters: only the input differs
-    for mapper in (seeing, blind):
-        torch.nn.init.normal_(mapper.net[-1].weight)  # far from the near-zero start, so outputs differ
-    blind.load_state_dict(seeing.state_dict())
     blocks, types = torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2])
     low, high = torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)
     assert torch.equal(blind(low, blocks, types), blind(high, blocks, types))
